@@ -1,0 +1,74 @@
+r"""Tiny text-to-video on the embedded synthetic data: the default config and the demo.
+
+Trains the causal video VAE, encodes a latent cache, trains the packed DiT, samples held-out prompts and
+scores them:
+
+  python -m sora_jax.main --config=configs/tiny_t2v.py --workdir=/tmp/sora_jax_demo --mode=all
+
+Variants go in the arg string, e.g. `configs/tiny_t2v.py:runlocal` (a one-minute smoke run used by the
+tests) or `configs/tiny_t2v.py:dit_steps=4000,width=256`. Any field can be overridden with
+`--config.a.b=value`.
+"""
+from sora_jax import configs_lib
+
+
+def get_config(arg=None):
+  arg = configs_lib.parse_arg(
+      arg, runlocal=False, variable=True, vae_steps=1200, dit_steps=3000, width=192, depth=6,
+      encode_samples=4000, res=32)
+  c = configs_lib.ml_collections.ConfigDict()
+  c.mode = "all"
+  c.seed = 0
+  c.mesh = [("data", -1), ("fsdp", 1), ("context", 1), ("tensor", 1)]
+  c.attention = "auto"  # auto | xla | blockwise | cudnn | splash
+  c.compilation_cache = "~/.cache/sora_jax/jax_cache"  # '' disables JAX's persistent compile cache
+
+  r = arg.res
+  c.data = dict(
+      source="synthetic",
+      # (frames, height, width) choices per sample; frames are 1 + 4k for the 4x temporal VAE.
+      sizes=[(9, r, r), (9, r, r + r // 2), (9, r + r // 2, r), (1, r, r)] if arg.variable else [(9, r, r)],
+      size_weights=[0.4, 0.2, 0.2, 0.2] if arg.variable else [1.0],
+      num_workers=0,
+      heldout_size=(9, r, r),
+  )
+  c.vae = dict(
+      base_channels=32,
+      channel_mults=(1, 2, 4),
+      num_res_blocks=1,
+      temporal_downsample=(True, True),
+      latent_channels=4,
+      mid_attention=False,
+  )
+  c.train_vae = dict(
+      steps=arg.vae_steps, batch_size=8, lr=1e-3, warmup_steps=100, weight_decay=0.0, grad_clip=1.0,
+      kl_weight=1e-6, sizes=[(9, r, r), (1, r, r)], size_weights=[0.8, 0.2],
+      log_every=50, ckpt_every=500, keep=2)
+  c.encode = dict(num_samples=arg.encode_samples, batch_size=32)
+  c.text = dict(encoder="bytes", max_len=64, width=128, depth=2, num_heads=4)
+  c.dit = dict(
+      width=arg.width, depth=arg.depth, num_heads=4, mlp_ratio=4.0, patch_size=(1, 2, 2), qk_norm=True,
+      scan_layers=True, remat="none")
+  c.flow = dict(
+      t_sampling="logit_normal", logit_mean=0.0, logit_std=1.0,
+      # Larger grids get more noise: shift = sqrt(tokens / shift_base_tokens), clipped to [1, max_shift].
+      resolution_shift=True, shift_base_tokens=48, max_shift=4.0)
+  c.train_dit = dict(
+      steps=arg.dit_steps, batch_size=8, seq_len=256, text_seq_len=512, max_segments=8,
+      lr=5e-4, warmup_steps=200, weight_decay=0.01, grad_clip=1.0, ema_decay=0.999,
+      caption_dropout=0.1, log_every=50, ckpt_every=1000, keep=2, num_packing_bins=16)
+  c.sample = dict(
+      steps=25, solver="euler", guidance=4.0, num_heldout_prompts=32, prompts_file="", batch_size=16,
+      use_ema=True)
+  c.eval = dict(num_vae_clips=32)
+
+  if arg.runlocal:
+    c.vae.base_channels = 8
+    c.train_vae.update(steps=4, batch_size=2, log_every=2, ckpt_every=4, warmup_steps=1)
+    c.encode.update(num_samples=16, batch_size=8)
+    c.text.update(width=32, depth=1, num_heads=2)
+    c.dit.update(width=48, depth=2, num_heads=2)
+    c.train_dit.update(steps=4, batch_size=2, log_every=2, ckpt_every=4, warmup_steps=1)
+    c.sample.update(steps=2, num_heldout_prompts=4, batch_size=4)
+    c.eval.num_vae_clips = 4
+  return c

@@ -1,0 +1,136 @@
+"""Config helpers shared by every config: typed `arg` parsing, defaults, validation.
+
+Configs follow the big_vision habit: `get_config(arg)` where `arg` is a string like
+`"runlocal,steps=100,res=64"`; `parse_arg` turns it into a ConfigDict with typed defaults.
+"""
+from __future__ import annotations
+
+import ast
+import math
+
+import ml_collections
+
+MODES = ("train_vae", "encode", "train_dit", "sample", "eval", "all")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
+
+
+class ConfigError(ValueError):
+  """A config field has a bad value; the message names the field."""
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses `"a=1,b=x,flag"` into a ConfigDict, typed by `defaults`.
+
+  A bare name sets a boolean default to True. Unknown names raise, so a typo in a sweep fails at once.
+  """
+  out = ml_collections.ConfigDict(dict(defaults))
+  if not arg:
+    return out
+  for part in arg.split(","):
+    part = part.strip()
+    if not part:
+      continue
+    if "=" in part:
+      name, value = part.split("=", 1)
+    else:
+      name, value = part, "True"
+    name = name.strip()
+    if name not in defaults:
+      raise ConfigError(f"config arg: unknown name {name!r}; known: {sorted(defaults)}")
+    default = defaults[name]
+    if isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ConfigError(f"config arg {name}: expected a boolean, got {value!r}")
+      out[name] = value.lower() in ("true", "1")
+    elif isinstance(default, (int, float)):
+      try:
+        out[name] = type(default)(ast.literal_eval(value))
+      except (ValueError, SyntaxError) as e:
+        raise ConfigError(f"config arg {name}: expected {type(default).__name__}, got {value!r}") from e
+    else:
+      out[name] = value
+  return out
+
+
+def _fail(field: str, value, reason: str):
+  raise ConfigError(f"config.{field}={value!r}: {reason}")
+
+
+def _positive(config, field: str, allow_zero: bool = False):
+  value = config
+  for part in field.split("."):
+    value = value[part]
+  if not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
+    _fail(field, value, "must be " + ("non-negative" if allow_zero else "positive"))
+
+
+def vae_strides(vae) -> tuple[int, int]:
+  """(temporal, spatial) compression of a VAE config."""
+  levels = len(vae.channel_mults) - 1
+  return 2 ** sum(bool(x) for x in vae.temporal_downsample), 2**levels
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks a resolved config before anything compiles; raises ConfigError naming the field."""
+  if config.get("mode") is not None and config.mode not in MODES:
+    _fail("mode", config.mode, f"unknown mode; choose one of {MODES}")
+  # Mesh.
+  names = [n for n, _ in config.mesh]
+  if tuple(names) != MESH_AXES:
+    _fail("mesh", config.mesh, f"axes must be {MESH_AXES} in this order")
+  sizes = [s for _, s in config.mesh]
+  if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
+    _fail("mesh", config.mesh, "sizes must be positive, with at most one -1 (fill)")
+  # VAE.
+  vae = config.vae
+  if len(vae.temporal_downsample) != len(vae.channel_mults) - 1:
+    _fail("vae.temporal_downsample", tuple(vae.temporal_downsample),
+          f"needs one entry per downsampling level ({len(vae.channel_mults) - 1})")
+  for f in ("vae.base_channels", "vae.latent_channels", "vae.num_res_blocks"):
+    _positive(config, f)
+  st, ss = vae_strides(vae)
+  # Data sizes must go through the VAE and then the patcher.
+  pt, ph, pw = config.dit.patch_size
+  for i, (t, h, w) in enumerate(config.data.sizes):
+    if (t - 1) % st:
+      _fail(f"data.sizes[{i}]", (t, h, w), f"frames must be 1 + {st}*k for the VAE's temporal stride {st}")
+    lt = 1 + (t - 1) // st
+    if h % (ss * ph) or w % (ss * pw):
+      _fail(f"data.sizes[{i}]", (t, h, w),
+            f"height and width must divide by VAE stride {ss} x patch {ph}x{pw} = {ss * ph}x{ss * pw}")
+    if lt % pt:
+      _fail("dit.patch_size", tuple(config.dit.patch_size),
+            f"temporal patch {pt} does not divide {lt} latent frames of data.sizes[{i}]={(t, h, w)}")
+    tokens = (lt // pt) * (h // ss // ph) * (w // ss // pw)
+    if tokens > config.train_dit.seq_len:
+      _fail("train_dit.seq_len", config.train_dit.seq_len,
+            f"shorter than the {tokens} tokens of data.sizes[{i}]={(t, h, w)}")
+  # DiT.
+  dit = config.dit
+  for f in ("dit.width", "dit.depth", "dit.num_heads", "dit.mlp_ratio"):
+    _positive(config, f)
+  if dit.width % dit.num_heads:
+    _fail("dit.num_heads", dit.num_heads, f"must divide dit.width={dit.width}")
+  head_dim = dit.width // dit.num_heads
+  if head_dim % 6:
+    _fail("dit.width", dit.width, f"head dim {head_dim} must divide by 6 for 3D RoPE (t, h, w pairs)")
+  if config.text.max_len < 2:
+    _fail("text.max_len", config.text.max_len, "must be at least 2 (BOS + one byte)")
+  # Training schedules.
+  for stage in ("train_vae", "train_dit"):
+    for f in ("steps", "batch_size"):
+      _positive(config, f"{stage}.{f}", allow_zero=(f == "steps"))
+    _positive(config, f"{stage}.lr")
+    if config[stage].warmup_steps < 0:
+      _fail(f"{stage}.warmup_steps", config[stage].warmup_steps, "must be non-negative")
+  if not 0.0 <= config.train_dit.ema_decay < 1.0:
+    _fail("train_dit.ema_decay", config.train_dit.ema_decay, "must be in [0, 1)")
+  if not 0.0 <= config.train_dit.caption_dropout <= 1.0:
+    _fail("train_dit.caption_dropout", config.train_dit.caption_dropout, "must be in [0, 1]")
+  if config.train_dit.max_segments < 1:
+    _fail("train_dit.max_segments", config.train_dit.max_segments, "must be at least 1")
+  _positive(config, "sample.steps")
+  if config.attention not in ("auto", "xla", "blockwise", "cudnn", "splash"):
+    _fail("attention", config.attention, "unknown backend; choose auto, xla, blockwise, cudnn or splash")
+  if not math.isfinite(config.sample.guidance) or config.sample.guidance < 0:
+    _fail("sample.guidance", config.sample.guidance, "must be a finite non-negative number")

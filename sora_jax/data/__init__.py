@@ -1,0 +1,1 @@
+"""Data: synthetic and real video sources, transforms, packing, grain pipelines."""

@@ -1,0 +1,1 @@
+"""Diffusion objectives, schedules and solvers (pure functions)."""

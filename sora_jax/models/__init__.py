@@ -1,0 +1,1 @@
+"""Flax NNX models: VAE, DiT, text encoder, attention."""

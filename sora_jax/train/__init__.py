@@ -1,0 +1,1 @@
+"""Trainers, optimizer, checkpoints and logging."""
