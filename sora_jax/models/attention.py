@@ -1,0 +1,329 @@
+"""The one attention function of sora_jax, with backends chosen by config.
+
+Every backend takes segment ids (0 = padding): a query attends to the keys
+whose segment id equals its own and is nonzero. Queries with segment 0, or
+with no valid key, output exactly 0. Scale 1/sqrt(D), softmax in float32,
+output in q.dtype. The same call serves self-attention (q ids == kv ids) and
+cross-attention from video tokens to packed text tokens.
+
+Backends:
+  xla: reference; materialises [B, H, Lq, Lk] logits.
+  blockwise: flash-style online softmax in pure JAX (lax.map over q blocks,
+    lax.scan over kv blocks) with a custom VJP that recomputes block logits,
+    so forward and backward memory are O(L). Also the fastest CPU path.
+  cudnn: jax.nn.dot_product_attention(implementation="cudnn"), GPU only.
+  splash: Pallas TPU splash attention with SegmentIds, TPU only.
+  auto: splash on TPU, cudnn on GPU; on CPU blockwise when the longer side
+    exceeds AUTO_BLOCKWISE_MIN_LEN, else xla.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BACKENDS = ("xla", "blockwise", "cudnn", "splash", "auto")
+
+# On CPU "auto" uses blockwise above this length (it is also faster there).
+AUTO_BLOCKWISE_MIN_LEN = 1024
+
+# Finite large negative: keeps exp() at 0 without inf - inf = NaN.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def segment_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array) -> jax.Array:
+  """Returns bool [B, 1, Lq, Lk]: same segment and nonzero."""
+  q = q_segment_ids[:, :, None]
+  kv = kv_segment_ids[:, None, :]
+  return ((q == kv) & (q != 0))[:, None]
+
+
+def _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, precision):
+  """Reference: materialised [B, H, Lq, Lk] logits."""
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=precision,
+                      preferred_element_type=jnp.float32) * scale
+  mask = segment_mask(q_segment_ids, kv_segment_ids)
+  logits = jnp.where(mask, logits, _MASK_VALUE)
+  m = jnp.max(logits, axis=-1, keepdims=True)
+  p = jnp.where(mask, jnp.exp(logits - m), 0.0)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  # Rows with no valid key have denom 0: divide by 1 so they stay exactly 0.
+  p = p / jnp.where(denom > 0, denom, 1.0)
+  out = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, precision=precision,
+                   preferred_element_type=jnp.float32)
+  return out.astype(q.dtype)
+
+
+def _num_blocks(length: int, block: int) -> tuple[int, int]:
+  """Returns (num_blocks, block_size) covering `length` with least padding."""
+  n = max(1, -(-length // block))
+  size = -(-length // n)
+  size = -(-size // 8) * 8  # Multiple of 8 keeps vector loads aligned.
+  return n, size
+
+
+def _to_blocks(x, n, size, fill=0):
+  """[B, L, ...] -> [n, B, size, ...], padding L to n * size with `fill`."""
+  pad = n * size - x.shape[1]
+  if pad:
+    widths = [(0, 0)] * x.ndim
+    widths[1] = (0, pad)
+    x = jnp.pad(x, widths, constant_values=fill)
+  x = x.reshape(x.shape[0], n, size, *x.shape[2:])
+  return jnp.moveaxis(x, 1, 0)
+
+
+def _block_probs(qi, kj, qs, ks, scale, precision):
+  """Masked scaled logits of one block pair: [B, H, bq, bk] f32 and mask."""
+  s = jnp.einsum("bhqd,bhkd->bhqk", qi, kj, precision=precision,
+                 preferred_element_type=jnp.float32) * scale
+  mask = (qs[:, None, :, None] == ks[:, None, None, :]) & (qs[:, None, :, None] != 0)
+  return s, mask
+
+
+def _blockwise_fwd_impl(q, k, v, qseg, kseg, block_q, block_kv, precision):
+  """Returns out [B, Lq, H, D] and logsumexp [nq, B, H, bq] (f32)."""
+  b, lq, h, d = q.shape
+  lk = k.shape[1]
+  scale = 1.0 / math.sqrt(d)
+  nq, bq = _num_blocks(lq, block_q)
+  nk, bk = _num_blocks(lk, block_kv)
+  # [n, B, H, blk, D]: heads before length so block matmuls batch over (B, H).
+  qb = jnp.swapaxes(_to_blocks(q, nq, bq), 2, 3)
+  kb = jnp.swapaxes(_to_blocks(k, nk, bk), 2, 3)
+  vb = jnp.swapaxes(_to_blocks(v, nk, bk), 2, 3)
+  qsb = _to_blocks(qseg, nq, bq)
+  ksb = _to_blocks(kseg, nk, bk)
+
+  def q_block(args):
+    qi, qs = args
+
+    def kv_step(carry, kv):
+      m, l, acc = carry
+      kj, vj, ks = kv
+      s, mask = _block_probs(qi, kj, qs, ks, scale, precision)
+      s = jnp.where(mask, s, _MASK_VALUE)
+      m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+      p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+      corr = jnp.exp(m - m_new)
+      l = l * corr + jnp.sum(p, axis=-1)
+      pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(vj.dtype), vj, precision=precision,
+                      preferred_element_type=jnp.float32)
+      acc = acc * corr[..., None] + pv
+      return (m_new, l, acc), None
+
+    init = (jnp.full((b, h, bq), _MASK_VALUE, jnp.float32),
+            jnp.zeros((b, h, bq), jnp.float32),
+            jnp.zeros((b, h, bq, d), jnp.float32))
+    (m, l, acc), _ = jax.lax.scan(kv_step, init, (kb, vb, ksb))
+    valid = l > 0
+    # No valid key: output 0; lse 0 is harmless since every p there is masked.
+    out = acc / jnp.where(valid, l, 1.0)[..., None]
+    lse = jnp.where(valid, m + jnp.log(jnp.where(valid, l, 1.0)), 0.0)
+    return out.astype(q.dtype), lse
+
+  out, lse = jax.lax.map(q_block, (qb, qsb))  # [nq, B, H, bq, D], [nq, B, H, bq]
+  out = jnp.moveaxis(jnp.swapaxes(out, 2, 3), 0, 1).reshape(b, nq * bq, h, d)
+  return out[:, :lq], lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _blockwise_attention(q, k, v, qseg, kseg, block_q, block_kv, precision):
+  return _blockwise_fwd_impl(q, k, v, qseg, kseg, block_q, block_kv, precision)[0]
+
+
+def _blockwise_fwd(q, k, v, qseg, kseg, block_q, block_kv, precision):
+  out, lse = _blockwise_fwd_impl(q, k, v, qseg, kseg, block_q, block_kv, precision)
+  return out, (q, k, v, qseg, kseg, out, lse)
+
+
+def _blockwise_bwd(block_q, block_kv, precision, res, dout):
+  """FlashAttention-2 backward: recomputes block logits, O(L) memory."""
+  q, k, v, qseg, kseg, out, lse = res
+  b, lq, h, d = q.shape
+  lk = k.shape[1]
+  scale = 1.0 / math.sqrt(d)
+  nq, bq = _num_blocks(lq, block_q)
+  nk, bk = _num_blocks(lk, block_kv)
+  # delta_i = sum_d dO_i * O_i, the softmax-backward row term.
+  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, Lq, H]
+  qb = jnp.swapaxes(_to_blocks(q, nq, bq), 2, 3)
+  dob = jnp.swapaxes(_to_blocks(dout, nq, bq), 2, 3)
+  deltab = jnp.swapaxes(_to_blocks(delta, nq, bq), 2, 3)  # [nq, B, H, bq]
+  kb = jnp.swapaxes(_to_blocks(k, nk, bk), 2, 3)
+  vb = jnp.swapaxes(_to_blocks(v, nk, bk), 2, 3)
+  qsb = _to_blocks(qseg, nq, bq)
+  ksb = _to_blocks(kseg, nk, bk)
+
+  def kv_block(dq, kv):
+    kj, vj, ks = kv
+
+    def q_step(carry, qargs):
+      dk, dv = carry
+      qi, doi, lsei, deltai, qs = qargs
+      s, mask = _block_probs(qi, kj, qs, ks, scale, precision)
+      p = jnp.where(mask, jnp.exp(s - lsei[..., None]), 0.0)
+      dv = dv + jnp.einsum("bhqk,bhqd->bhkd", p.astype(doi.dtype), doi,
+                           precision=precision, preferred_element_type=jnp.float32)
+      dp = jnp.einsum("bhqd,bhkd->bhqk", doi, vj, precision=precision,
+                      preferred_element_type=jnp.float32)
+      ds = (p * (dp - deltai[..., None]) * scale).astype(qi.dtype)
+      dk = dk + jnp.einsum("bhqk,bhqd->bhkd", ds, qi, precision=precision,
+                           preferred_element_type=jnp.float32)
+      dqi = jnp.einsum("bhqk,bhkd->bhqd", ds, kj, precision=precision,
+                       preferred_element_type=jnp.float32)
+      return (dk, dv), dqi
+
+    init = (jnp.zeros((b, h, bk, d), jnp.float32), jnp.zeros((b, h, bk, d), jnp.float32))
+    (dk, dv), dq_part = jax.lax.scan(q_step, init, (qb, dob, lse, deltab, qsb))
+    return dq + dq_part, (dk, dv)
+
+  dq0 = jnp.zeros((nq, b, h, bq, d), jnp.float32)
+  dq, (dk, dv) = jax.lax.scan(kv_block, dq0, (kb, vb, ksb))
+
+  def unblock(x, length, dtype):
+    n, _, _, blk, _ = x.shape
+    x = jnp.moveaxis(jnp.swapaxes(x, 2, 3), 0, 1).reshape(b, n * blk, h, d)
+    return x[:, :length].astype(dtype)
+
+  return (unblock(dq, lq, q.dtype), unblock(dk, lk, k.dtype), unblock(dv, lk, v.dtype),
+          None, None)
+
+
+_blockwise_attention.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+def _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids):
+  """cuDNN flash attention through `jax.nn.dot_product_attention`.
+
+  The public API has no segment-id argument (its `query_seq_lengths` /
+  `key_value_seq_lengths` describe one segment per row), so the segment
+  constraint goes in as the boolean `mask`; jax turns it into an additive
+  [B, 1, Lq, Lk] bias in the input dtype (memory O(Lq * Lk) bytes, compute
+  still fused). cuDNN only takes fp16/bf16: float32 inputs run in bfloat16 and
+  the output is cast back to q.dtype.
+  """
+  if jax.default_backend() != "gpu":
+    raise ValueError(
+        f"attention backend 'cudnn' needs a GPU, but jax.default_backend() is "
+        f"{jax.default_backend()!r}; use backend='xla', 'blockwise' or 'auto'.")
+  dtype = q.dtype if q.dtype in (jnp.float16, jnp.bfloat16) else jnp.bfloat16
+  mask = segment_mask(q_segment_ids, kv_segment_ids)
+  out = jax.nn.dot_product_attention(
+      q.astype(dtype), k.astype(dtype), v.astype(dtype), mask=mask,
+      implementation="cudnn")
+  # Rows with no valid key see a uniform softmax over the bias; zero them.
+  valid = jnp.any(mask, axis=-1)[:, 0, :, None, None]  # [B, Lq, 1, 1]
+  return jnp.where(valid, out, 0).astype(q.dtype)
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def _splash_attention(q, k, v, q_segment_ids, kv_segment_ids, block_q, block_kv,
+                      interpret=False):
+  """TPU splash attention with `SegmentIds`, vmapped over the batch.
+
+  The kernel is single-example ([H, L, D]) and unscaled, so q is pre-scaled and
+  the batch is vmapped. Lengths are padded to block multiples (segment 0).
+  Plain call, no shard_map: under a multi-device mesh wrap the caller's block
+  (or this function) in `jax.shard_map` with batch/heads sharded and sequence
+  replicated, since a Pallas kernel has no automatic partitioning rule.
+  """
+  if jax.default_backend() != "tpu" and not interpret:
+    raise ValueError(
+        f"attention backend 'splash' needs a TPU, but jax.default_backend() is "
+        f"{jax.default_backend()!r}; use backend='xla', 'blockwise' or 'auto'.")
+  # Imported here: the Pallas TPU ops are only needed (and tested) on TPU.
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
+
+  b, lq, h, d = q.shape
+  lk = k.shape[1]
+  # TPU tiles are 128 wide; blocks must divide the (padded) lengths.
+  bq = min(_round_up(block_q, 128), _round_up(lq, 128))
+  bk = min(_round_up(block_kv, 128), _round_up(lk, 128))
+  lq_pad, lk_pad = _round_up(lq, bq), _round_up(lk, bk)
+
+  def pad(x, length):
+    widths = [(0, 0)] * x.ndim
+    widths[1] = (0, length - x.shape[1])
+    return jnp.pad(x, widths)
+
+  scale = 1.0 / math.sqrt(d)
+  qp = jnp.swapaxes(pad(q * jnp.asarray(scale, q.dtype), lq_pad), 1, 2)  # [B, H, Lq, D]
+  kp = jnp.swapaxes(pad(k, lk_pad), 1, 2)
+  vp = jnp.swapaxes(pad(v, lk_pad), 1, 2)
+  qs = pad(q_segment_ids.astype(jnp.int32), lq_pad)
+  ks = pad(kv_segment_ids.astype(jnp.int32), lk_pad)
+
+  mask = splash.MultiHeadMask([splash.FullMask((lq_pad, lk_pad)) for _ in range(h)])
+  block_sizes = splash.BlockSizes(
+      block_q=bq, block_kv=bk, block_kv_compute=bk,
+      block_q_dkv=bq, block_kv_dkv=bk, block_kv_dkv_compute=bk,
+      block_q_dq=bq, block_kv_dq=bk)
+  kernel = splash.make_splash_mha_single_device(
+      mask=mask, block_sizes=block_sizes, interpret=interpret)
+  out = jax.vmap(lambda q_, k_, v_, qs_, ks_: kernel(q_, k_, v_, splash.SegmentIds(q=qs_, kv=ks_)))(
+      qp, kp, vp, qs, ks)
+  out = jnp.swapaxes(out, 1, 2)[:, :lq]
+  # Splash gives fully masked rows (padding, or no key in the segment) a finite
+  # uniform average; the contract says 0.
+  valid = jnp.any(segment_mask(q_segment_ids, kv_segment_ids)[:, 0], axis=-1)
+  return jnp.where(valid[:, :, None, None], out, 0).astype(q.dtype)
+
+
+def resolve_backend(backend: str, q_len: int, kv_len: int) -> str:
+  """Maps "auto" to a concrete backend for the current platform."""
+  if backend != "auto":
+    return backend
+  platform = jax.default_backend()
+  if platform == "tpu":
+    return "splash"
+  if platform == "gpu":
+    return "cudnn"
+  return "blockwise" if max(q_len, kv_len) > AUTO_BLOCKWISE_MIN_LEN else "xla"
+
+
+def attention(q, k, v, q_segment_ids, kv_segment_ids, *, backend: str = "xla",
+              block_q: int = 512, block_kv: int = 512, precision=None) -> jax.Array:
+  """Segment-masked multi-head attention.
+
+  Args:
+    q: [B, Lq, H, D] queries.
+    k: [B, Lk, H, D] keys.
+    v: [B, Lk, H, D] values.
+    q_segment_ids: int32 [B, Lq], 0 = padding.
+    kv_segment_ids: int32 [B, Lk], same numbering as `q_segment_ids`.
+    backend: one of "xla", "blockwise", "cudnn", "splash", "auto".
+    block_q: query block size (blockwise, splash).
+    block_kv: key/value block size (blockwise, splash).
+    precision: matmul precision passed to einsums (xla, blockwise).
+
+  Returns:
+    [B, Lq, H, D] in q.dtype.
+  """
+  if backend not in BACKENDS:
+    raise ValueError(f"Unknown attention backend {backend!r}; expected one of {BACKENDS}.")
+  if q.ndim != 4 or k.shape != v.shape or k.shape[::2] != q.shape[::2]:
+    raise ValueError(f"Expected q [B, Lq, H, D] and k, v [B, Lk, H, D]; got q {q.shape}, "
+                     f"k {k.shape}, v {v.shape}.")
+  if q_segment_ids.shape != q.shape[:2] or kv_segment_ids.shape != k.shape[:2]:
+    raise ValueError(f"Segment ids must be [B, Lq] {q.shape[:2]} and [B, Lk] {k.shape[:2]}; "
+                     f"got {q_segment_ids.shape} and {kv_segment_ids.shape}.")
+  backend = resolve_backend(backend, q.shape[1], k.shape[1])
+  if backend == "xla":
+    return _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, precision)
+  if backend == "blockwise":
+    return _blockwise_attention(q, k, v, q_segment_ids.astype(jnp.int32),
+                                kv_segment_ids.astype(jnp.int32), block_q, block_kv,
+                                precision)
+  if backend == "cudnn":
+    return _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids)
+  if backend == "splash":
+    return _splash_attention(q, k, v, q_segment_ids, kv_segment_ids, block_q, block_kv)
+  raise ValueError(f"Unknown attention backend {backend!r}; expected one of {BACKENDS}.")

@@ -1,0 +1,125 @@
+"""Spacetime Diffusion Transformer over packed latent patches.
+
+Tokens of several samples share a row; everything per sample (timestep, pooled text, grid) lives in
+per-segment tables [B, S, ...] that are gathered to tokens by segment id. Self-attention stays within a
+segment, cross-attention goes only to the text tokens of the same segment, 3D RoPE is computed from each
+token's (t, h, w) coordinates, and adaLN-Zero modulation is computed per segment (cheap) then gathered.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sora_jax.models import layers
+from sora_jax.models import rope as rope_lib
+from sora_jax.parallel import mesh as mesh_lib
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class DiTBlock(nnx.Module):
+  """adaLN-Zero block: modulated self-attention, cross-attention to text, modulated MLP."""
+
+  def __init__(self, dim, num_heads, mlp_ratio, text_dim, *, qk_norm, backend, dtype, rngs):
+    self.norm1 = layers.LayerNorm()
+    self.attn = layers.Attention(dim, num_heads, qk_norm=qk_norm, backend=backend, dtype=dtype, rngs=rngs)
+    self.norm2 = layers.RMSNorm(dim)
+    self.cross = layers.Attention(dim, num_heads, kv_dim=text_dim, qk_norm=qk_norm, backend=backend,
+                                  dtype=dtype, rngs=rngs)
+    self.norm3 = layers.LayerNorm()
+    self.mlp = layers.MLP(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
+    # Zero-initialised modulation: every block starts as the identity (adaLN-Zero).
+    self.ada = layers.Dense(dim, (6, dim), ("cond", None, "embed"), zero_init=True, rngs=rngs)
+
+  def __call__(self, x, cond, seg, rope, text, text_seg):
+    """x [B,L,D]; cond [B,S,D] per segment; text [B,Lt,Dt]."""
+    mod = self.ada(jax.nn.silu(cond))  # [B, S, 6, D]
+    mod = layers.gather_segments(mod, seg).astype(x.dtype)  # [B, L, 6, D]
+    shift1, scale1, gate1, shift2, scale2, gate2 = [mod[:, :, i] for i in range(6)]
+    h = self.norm1(x) * (1 + scale1) + shift1
+    x = x + gate1 * self.attn(h, seg, rope=rope)
+    x = x + self.cross(self.norm2(x), seg, context=text, kv_segment_ids=text_seg)
+    h = self.norm3(x) * (1 + scale2) + shift2
+    x = x + gate2 * self.mlp(h)
+    return mesh_lib.constrain(x, ("act_batch", "act_len", "act_embed"))
+
+
+class DiT(nnx.Module):
+  """Diffusion Transformer: packed noisy patches + per-segment t and text -> velocity per patch."""
+
+  def __init__(self, *, patch_dim: int, width: int, depth: int, num_heads: int, mlp_ratio: float,
+               text_dim: int, qk_norm: bool = True, backend: str = "xla", scan_layers: bool = True,
+               remat: str = "none", dtype=jnp.float32, rngs: nnx.Rngs):
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f"dit.remat={remat!r}: choose one of {sorted(REMAT_POLICIES)}")
+    self.width, self.num_heads, self.depth = width, num_heads, depth
+    self.scan_layers, self.remat, self.dtype = scan_layers, remat, dtype
+    self.patch_in = layers.Dense(patch_dim, width, ("patch", "embed"), dtype=dtype, rngs=rngs)
+    self.t_mlp1 = layers.Dense(256, width, ("cond", "embed"), rngs=rngs)
+    self.t_mlp2 = layers.Dense(width, width, ("embed", "cond"), rngs=rngs)
+    self.text_pool = layers.Dense(text_dim, width, ("embed", "cond"), rngs=rngs)
+    make = functools.partial(DiTBlock, width, num_heads, mlp_ratio, text_dim, qk_norm=qk_norm,
+                             backend=backend, dtype=dtype)
+    if scan_layers:
+      @nnx.split_rngs(splits=depth)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def stack(r):
+        return make(rngs=r)
+      self.blocks = stack(rngs)
+    else:
+      self.blocks = nnx.List([make(rngs=rngs) for _ in range(depth)])
+    self.final_norm = layers.LayerNorm()
+    self.final_ada = layers.Dense(width, (2, width), ("cond", None, "embed"), zero_init=True, rngs=rngs)
+    self.patch_out = layers.Dense(width, patch_dim, ("embed", "patch"), zero_init=True, rngs=rngs)
+
+  def conditioning(self, t_table, text_pooled):
+    """Per-segment conditioning vector [B, S, D] from t [B, S] and pooled text [B, S, Dt]."""
+    temb = layers.timestep_embedding(t_table, 256)
+    c = self.t_mlp2(jax.nn.silu(self.t_mlp1(temb)))
+    return c + self.text_pool(text_pooled)
+
+  def __call__(self, tokens, coords, seg, t_table, text, text_seg, text_pooled):
+    """tokens [B,L,P], coords [B,L,3], seg [B,L], t_table [B,S], text [B,Lt,Dt], text_seg [B,Lt],
+    text_pooled [B,S,Dt] -> velocity [B,L,P] (zero on padding)."""
+    x = self.patch_in(tokens.astype(self.dtype))
+    x = mesh_lib.constrain(x, ("act_batch", "act_len", "act_embed"))
+    cond = self.conditioning(t_table, text_pooled)
+    rope = rope_lib.rope_3d(coords, self.width // self.num_heads)
+    text = text.astype(self.dtype)
+
+    def apply_block(block, x):
+      return block(x, cond, seg, rope, text, text_seg)
+
+    policy = REMAT_POLICIES[self.remat]
+    if self.scan_layers:
+      graphdef, state = nnx.split(self.blocks)
+
+      def body(x, layer_state):
+        return apply_block(nnx.merge(graphdef, layer_state), x), None
+
+      if self.remat != "none":
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+      x, _ = jax.lax.scan(body, x, state)
+    else:
+      for block in self.blocks:
+        fn = apply_block if self.remat == "none" else nnx.remat(apply_block, policy=policy)
+        x = fn(block, x)
+    shift, scale = [m[:, :, 0] for m in jnp.split(
+        layers.gather_segments(self.final_ada(jax.nn.silu(cond)), seg), 2, axis=2)]
+    x = self.final_norm(x) * (1 + scale) + shift
+    out = self.patch_out(x).astype(jnp.float32)
+    return jnp.where((seg > 0)[..., None], out, 0.0)
+
+
+def from_config(config, *, patch_dim: int, text_dim: int, backend: str, rngs: nnx.Rngs) -> DiT:
+  d = config.dit
+  return DiT(patch_dim=patch_dim, width=d.width, depth=d.depth, num_heads=d.num_heads,
+             mlp_ratio=d.mlp_ratio, text_dim=text_dim, qk_norm=d.qk_norm, backend=backend,
+             scan_layers=d.scan_layers, remat=d.remat, rngs=rngs)

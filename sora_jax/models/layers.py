@@ -1,0 +1,151 @@
+"""Shared NNX building blocks: dense layers with logical axis names, norms, MLP, attention module.
+
+Every parameter carries logical axis names (see `sora_jax/parallel/mesh.py` for the rules that map them to
+mesh axes). Activations are constrained by logical name at block boundaries.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sora_jax.models import attention as attention_lib
+from sora_jax.models import rope as rope_lib
+from sora_jax.parallel import mesh as mesh_lib
+
+Shape = int | Sequence[int]
+
+
+def _tuple(x: Shape) -> tuple[int, ...]:
+  return (x,) if isinstance(x, int) else tuple(x)
+
+
+class Dense(nnx.Module):
+  """y = x . W (+ b), contracting the last `len(in_features)` axes of x; W has logical axis `names`."""
+
+  def __init__(self, in_features: Shape, out_features: Shape, names: Sequence[str], *, use_bias=True,
+               zero_init=False, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.in_features, self.out_features = _tuple(in_features), _tuple(out_features)
+    shape = self.in_features + self.out_features
+    assert len(names) == len(shape), (names, shape)
+    if zero_init:
+      init = nnx.initializers.zeros_init()
+    else:
+      init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=tuple(
+          range(len(self.in_features))), out_axis=tuple(range(len(self.in_features), len(shape))))
+    self.kernel = nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=tuple(names))
+    self.bias = (nnx.Param(jnp.zeros(self.out_features, jnp.float32), out_sharding=tuple(names[len(self.in_features):]))
+                 if use_bias else None)
+    self.dtype = dtype
+
+  def __call__(self, x):
+    n = len(self.in_features)
+    k = self.kernel[...].astype(self.dtype)
+    y = jax.lax.dot_general(x.astype(self.dtype), k, ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """RMS normalisation over the last axis, optionally with a learned scale."""
+
+  def __init__(self, dim: int, *, scale=True, eps=1e-6, names=("norm",), rngs: nnx.Rngs | None = None):
+    del rngs
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=names) if scale else None
+    self.eps = eps
+
+  def __call__(self, x):
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    if self.scale is not None:
+      x = x * self.scale[...]
+    return x.astype(dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis without learned parameters (adaLN supplies scale and shift)."""
+
+  def __init__(self, eps=1e-6):
+    self.eps = eps
+
+  def __call__(self, x):
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return ((x - mean) * jax.lax.rsqrt(var + self.eps)).astype(dtype)
+
+
+class MLP(nnx.Module):
+  """Two-layer GELU MLP: embed -> mlp -> embed."""
+
+  def __init__(self, dim: int, hidden: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.fc1 = Dense(dim, hidden, ("embed", "mlp"), dtype=dtype, rngs=rngs)
+    self.fc2 = Dense(hidden, dim, ("mlp", "embed"), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    h = jax.nn.gelu(self.fc1(x), approximate=True)
+    h = mesh_lib.constrain(h, ("act_batch", "act_len", "act_mlp"))
+    return self.fc2(h)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention over packed sequences (self or cross), optional QK-norm and RoPE.
+
+  Uses the project's one attention function, so every backend honours segment ids.
+  """
+
+  def __init__(self, dim: int, num_heads: int, *, kv_dim: int | None = None, qk_norm=True,
+               backend: str = "xla", dtype=jnp.float32, rngs: nnx.Rngs):
+    head_dim = dim // num_heads
+    kv_dim = dim if kv_dim is None else kv_dim
+    self.num_heads, self.head_dim, self.backend = num_heads, head_dim, backend
+    self.q = Dense(dim, (num_heads, head_dim), ("embed", "heads", "kv"), dtype=dtype, rngs=rngs)
+    self.k = Dense(kv_dim, (num_heads, head_dim), ("embed", "heads", "kv"), dtype=dtype, rngs=rngs)
+    self.v = Dense(kv_dim, (num_heads, head_dim), ("embed", "heads", "kv"), dtype=dtype, rngs=rngs)
+    self.o = Dense((num_heads, head_dim), dim, ("heads", "kv", "embed"), dtype=dtype, rngs=rngs)
+    self.q_norm = RMSNorm(head_dim, names=("kv",)) if qk_norm else None
+    self.k_norm = RMSNorm(head_dim, names=("kv",)) if qk_norm else None
+
+  def __call__(self, x, q_segment_ids, context=None, kv_segment_ids=None, *, rope=None, kv_rope=None):
+    """x: [B, Lq, D]; context: [B, Lk, Dk] (None = self-attention); rope: (cos, sin) per token."""
+    context = x if context is None else context
+    kv_segment_ids = q_segment_ids if kv_segment_ids is None else kv_segment_ids
+    q, k, v = self.q(x), self.k(context), self.v(context)  # [B, L, H, Dh]
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    if rope is not None:
+      q = rope_lib.apply(q, *rope)
+      k = rope_lib.apply(k, *(rope if kv_rope is None else kv_rope))
+    q = mesh_lib.constrain(q, ("act_batch", "act_len", "act_heads", None))
+    out = attention_lib.attention(q, k, v, q_segment_ids, kv_segment_ids, backend=self.backend)
+    return self.o(out)
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding of t in [0, 1] (scaled by 1000, as DiT timesteps): [...] -> [..., dim]."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = (t.astype(jnp.float32) * 1000.0)[..., None] * freqs
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def gather_segments(table: jax.Array, segment_ids: jax.Array) -> jax.Array:
+  """Per-segment table [B, S, ...] -> per-token [B, L, ...] (padding tokens get zeros)."""
+  idx = jnp.maximum(segment_ids - 1, 0)
+  out = jnp.take_along_axis(table, idx.reshape(idx.shape + (1,) * (table.ndim - 2)), axis=1)
+  mask = (segment_ids > 0).reshape(segment_ids.shape + (1,) * (table.ndim - 2))
+  return jnp.where(mask, out, jnp.zeros((), table.dtype))
+
+
+def segment_mean(x: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
+  """Mean of token features per segment: x [B, L, D], ids [B, L] -> [B, S, D] (empty segments: 0)."""
+  onehot = jax.nn.one_hot(segment_ids - 1, num_segments, dtype=jnp.float32)  # id 0 -> all zeros
+  total = jnp.einsum("bls,bld->bsd", onehot, x.astype(jnp.float32))
+  count = jnp.sum(onehot, axis=1)[..., None]
+  return (total / jnp.maximum(count, 1.0)).astype(x.dtype)

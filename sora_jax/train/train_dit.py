@@ -1,0 +1,169 @@
+"""DiT trainer: rectified flow on packed rows of latent patches, text encoder trained jointly, EMA.
+
+Reads top to bottom: setup -> model & optimizer (created sharded) -> data -> resume -> update step -> loop.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from sora_jax.data import latent_cache
+from sora_jax.data import packing
+from sora_jax.data import pipeline
+from sora_jax.diffusion import flow
+from sora_jax.models import t2v
+from sora_jax.parallel import mesh as mesh_lib
+from sora_jax.train import checkpoint as ckpt_lib
+from sora_jax.train import logging as log_lib
+from sora_jax.train import optim
+from sora_jax.train import state as state_lib
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(workdir, "dit", "checkpoints")
+
+
+def latent_dir(workdir: str) -> str:
+  return os.path.join(workdir, "latents")
+
+
+def create(config, mesh):
+  tx = optim.make_optimizer(config.train_dit)
+  created = state_lib.create(
+      lambda r: t2v.TextToVideo(config, patch_dim=t2v.patch_dim(config), rngs=r), tx, seed=config.seed + 1,
+      mesh=mesh, rules=mesh_lib.DIT_RULES, ema=config.train_dit.ema_decay > 0)
+  return created, tx
+
+
+def restore(config, workdir: str, mesh, *, use_ema: bool = True):
+  """The trained denoiser of `workdir` as (graphdef, params, rest, step); EMA weights when asked."""
+  created, _ = create(config, mesh)
+  ckpt = ckpt_lib.Checkpointer(checkpoint_dir(workdir))
+  if ckpt.latest_step() is None:
+    raise FileNotFoundError(f"no DiT checkpoint under {checkpoint_dir(workdir)}: run --mode=train_dit first")
+  state, step = ckpt.restore(created.state)
+  ckpt.close()
+  params = state.ema if (use_ema and state.ema is not None) else state.params
+  return created.graphdef, params, state.rest, step
+
+
+def segment_shift(config, grid_table):
+  """Per-segment timestep shift from each segment's token count (larger grids get more noise)."""
+  f = config.flow
+  if not f.resolution_shift:
+    return jnp.ones(grid_table.shape[:2], jnp.float32)
+  return flow.resolution_shift(jnp.prod(grid_table, axis=-1), f.shift_base_tokens, f.max_shift)
+
+
+def denoiser_loss(model, batch, rng, config):
+  """Flow-matching loss of one packed batch; returns (loss, metrics)."""
+  S = config.train_dit.max_segments
+  seg = batch["tokens_segment_ids"]
+  x0 = batch["tokens"]
+  rng_t, rng_n = jax.random.split(rng)
+  t_table = flow.sample_t(rng_t, (seg.shape[0], S), kind=config.flow.t_sampling,
+                          logit_mean=config.flow.logit_mean, logit_std=config.flow.logit_std)
+  t_table = flow.shift_t(t_table, segment_shift(config, batch["grid"]))
+  noise = jax.random.normal(rng_n, x0.shape, x0.dtype)
+  x_t = flow.interpolate(x0, noise, flow.tokens_from_table(t_table, seg))
+  text, pooled = model.encode_text(batch["text"], batch["text_segment_ids"], batch["text_positions"], S)
+  v = model(x_t, batch["coords"], seg, t_table, text, batch["text_segment_ids"], pooled)
+  loss, _ = flow.flow_loss(v, flow.velocity_target(x0, noise), seg, max_segments=S)
+  return loss
+
+
+def latent_source(workdir: str) -> grain.MapDataset:
+  path = latent_cache.dataset_path(latent_dir(workdir))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no latent cache at {path}: run --mode=encode first")
+  return grain.MapDataset.source(latent_cache.LatentCacheSource(path))
+
+
+def flops_per_token(config) -> float:
+  """Analytic training FLOPs per video token (forward + backward = 3x forward, matmuls only)."""
+  d = config.dit
+  D, L = d.width, config.train_dit.seq_len
+  Lt = config.train_dit.text_seq_len
+  per_layer = 2 * (4 * D * D + 2 * D * D + 2 * int(d.mlp_ratio * D) * D)  # self qkvo, cross q o, mlp
+  per_layer += 2 * 2 * D * L + 2 * 2 * D * Lt  # attention scores and values (self, cross)
+  return 3.0 * d.depth * per_layer
+
+
+def train(config, workdir: str, mesh) -> dict:
+  cfg = config.train_dit
+  is_main = jax.process_index() == 0
+  local_batch = cfg.batch_size // jax.process_count()
+
+  # ---------------------------------------------------------------- model & optimizer (sharded)
+  created, tx = create(config, mesh)
+  graphdef, state = created.graphdef, created.state
+  logging.info("DiT + text encoder: %d parameters", state_lib.num_params(state.params))
+
+  # ---------------------------------------------------------------- data
+  data_iter = iter(pipeline.dit_dataset(config, latent_source(workdir), seed=config.seed, batch_size=local_batch))
+
+  # ---------------------------------------------------------------- resume
+  ckpt = ckpt_lib.Checkpointer(checkpoint_dir(workdir), keep=cfg.keep, save_every=cfg.ckpt_every)
+  if ckpt.latest_step() is not None:
+    state, step = ckpt.restore(state, data_iter=data_iter)
+    logging.info("DiT: resumed from step %d", step)
+  start = int(state.step)
+
+  # ---------------------------------------------------------------- update step
+  lr_fn = optim.schedule(cfg)
+
+  @functools.partial(jax.jit, donate_argnums=0, out_shardings=(created.shardings, None))
+  def train_step(state, batch):
+    rng = jax.random.fold_in(jax.random.key(config.seed + 1), state.step)
+
+    def loss_fn(params):
+      return denoiser_loss(nnx.merge(graphdef, params, state.rest), batch, rng, config)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = None if state.ema is None else optim.ema_update(state.ema, params, cfg.ema_decay, state.step)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_fn(state.step)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
+
+  # ---------------------------------------------------------------- loop
+  writer = log_lib.MetricWriter(workdir, "dit", total_steps=cfg.steps, initial_step=start, is_main=is_main)
+  config_json = config.to_dict()
+  tokens_per_step = cfg.batch_size * cfg.seq_len
+  flops_step = flops_per_token(config) * tokens_per_step
+  t_last, steps_since, stats = time.perf_counter(), 0, []
+  metrics = {}
+  with mesh_lib.use(mesh, mesh_lib.DIT_RULES):
+    for step in range(start, cfg.steps):
+      host_batch = next(data_iter)
+      stats.append(packing.packing_stats(host_batch))
+      state, metrics = train_step(state, mesh_lib.global_batch(host_batch, mesh))
+      steps_since += 1
+      writer.advance()
+      if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+        metrics = jax.device_get(metrics)
+        now = time.perf_counter()
+        dt = (now - t_last) / steps_since
+        t_last, steps_since = now, 0
+        n = jax.device_count()
+        metrics.update(
+            step_time=dt,
+            real_tokens_per_s_per_device=np.mean([s["real_token_fraction"] for s in stats]) * tokens_per_step / dt / n,
+            tflops_per_device=flops_step / dt / n / 1e12,
+            real_token_fraction=np.mean([s["real_token_fraction"] for s in stats]),
+            segments_per_row=np.mean([s["segments_per_row"] for s in stats]))
+        stats = []
+        writer.write(step + 1, metrics)
+      ckpt.save(step + 1, state, config=config_json, data_iter=data_iter, force=(step + 1 == cfg.steps))
+  ckpt.close()
+  writer.close()
+  return {k: float(v) for k, v in metrics.items()}

@@ -1,0 +1,158 @@
+"""VAE trainer: reconstruction (L1) + KL on the embedded clips, then per-channel latent statistics.
+
+Reads top to bottom: setup -> model & optimizer (created sharded) -> data -> resume -> step -> loop ->
+latent statistics -> final checkpoint.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from sora_jax.data import pipeline
+from sora_jax.models import vae as vae_lib
+from sora_jax.parallel import mesh as mesh_lib
+from sora_jax.train import checkpoint as ckpt_lib
+from sora_jax.train import logging as log_lib
+from sora_jax.train import optim
+from sora_jax.train import state as state_lib
+
+
+def psnr(x, y):
+  """PSNR in dB for videos in [-1, 1] (peak-to-peak 2)."""
+  mse = jnp.mean(jnp.square(jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32)))
+  return 20.0 * jnp.log10(2.0) - 10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
+
+
+def create(config, mesh, *, with_optimizer: bool = True):
+  cfg = config.train_vae
+  tx = optim.make_optimizer(cfg) if with_optimizer else optax.identity()
+  created = state_lib.create(lambda r: vae_lib.from_config(config.vae, rngs=r), tx, seed=config.seed,
+                             mesh=mesh, rules=mesh_lib.VAE_RULES, ema=False)
+  return created, tx
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(workdir, "vae", "checkpoints")
+
+
+def restore(config, workdir: str, mesh):
+  """The trained VAE of `workdir` as (graphdef, params, rest); raises if it has not been trained."""
+  created, _ = create(config, mesh)
+  ckpt = ckpt_lib.Checkpointer(checkpoint_dir(workdir))
+  if ckpt.latest_step() is None:
+    raise FileNotFoundError(f"no VAE checkpoint under {checkpoint_dir(workdir)}: run --mode=train_vae first")
+  state, _ = ckpt.restore(created.state)
+  ckpt.close()
+  return created.graphdef, state.params, state.rest
+
+
+def make_encode_fn(graphdef, mesh):
+  """jit: (params, rest, video [B,T,H,W,3]) -> normalised latent means [B,T',H',W',C]."""
+  del mesh  # callers trace it under `mesh_lib.use(mesh, VAE_RULES)`
+
+  @jax.jit
+  def encode(params, rest, video):
+    model = nnx.merge(graphdef, params, rest)
+    mean, _ = model.encode(video)
+    return model.normalize(mean)
+  return encode
+
+
+def make_decode_fn(graphdef, mesh):
+  """jit: (params, rest, normalised latents) -> video in [-1, 1]."""
+  del mesh  # callers trace it under `mesh_lib.use(mesh, VAE_RULES)`
+
+  @jax.jit
+  def decode(params, rest, z):
+    model = nnx.merge(graphdef, params, rest)
+    return jnp.clip(model.decode(model.denormalize(z)), -1.0, 1.0)
+  return decode
+
+
+def train(config, workdir: str, mesh) -> dict:
+  cfg = config.train_vae
+  is_main = jax.process_index() == 0
+  local_batch = cfg.batch_size // jax.process_count()
+
+  # ---------------------------------------------------------------- model & optimizer (sharded)
+  created, tx = create(config, mesh)
+  graphdef, state = created.graphdef, created.state
+  logging.info("VAE: %d parameters", state_lib.num_params(state.params))
+
+  # ---------------------------------------------------------------- data
+  data_iter = iter(pipeline.vae_dataset(config, seed=config.seed, batch_size=local_batch))
+
+  # ---------------------------------------------------------------- resume
+  ckpt = ckpt_lib.Checkpointer(checkpoint_dir(workdir), keep=cfg.keep, save_every=cfg.ckpt_every)
+  if ckpt.latest_step() is not None:
+    state, step = ckpt.restore(state, data_iter=data_iter)
+    logging.info("VAE: resumed from step %d", step)
+  start = int(state.step)
+
+  # ---------------------------------------------------------------- update step
+  kl_weight = cfg.kl_weight
+  lr_fn = optim.schedule(cfg)
+
+  @functools.partial(jax.jit, donate_argnums=0, out_shardings=(created.shardings, None))
+  def train_step(state, batch):
+    rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+    x = mesh_lib.constrain(batch["video"], ("act_batch", "act_time", "act_height", "act_width", "act_channels"))
+
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params, state.rest)
+      recon, mean, logvar = model(x, rng=rng)
+      l1 = jnp.mean(jnp.abs(recon - x))
+      kl = vae_lib.kl_loss(mean, logvar)
+      return l1 + kl_weight * kl, {"l1": l1, "kl": kl, "psnr": psnr(jnp.clip(recon, -1, 1), x)}
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics.update(loss=loss, grad_norm=optax.global_norm(grads), lr=lr_fn(state.step))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  # ---------------------------------------------------------------- loop
+  writer = log_lib.MetricWriter(workdir, "vae", total_steps=cfg.steps, initial_step=start, is_main=is_main)
+  config_json = config.to_dict()
+  t_last, steps_since = time.perf_counter(), 0
+  metrics = {}
+  with mesh_lib.use(mesh, mesh_lib.VAE_RULES):
+    for step in range(start, cfg.steps):
+      batch = mesh_lib.global_batch(next(data_iter), mesh)
+      state, metrics = train_step(state, batch)
+      steps_since += 1
+      writer.advance()
+      if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+        metrics = jax.device_get(metrics)
+        now = time.perf_counter()
+        metrics["step_time"] = (now - t_last) / steps_since
+        t_last, steps_since = now, 0
+        writer.write(step + 1, metrics)
+      if step + 1 < cfg.steps:
+        ckpt.save(step + 1, state, config=config_json, data_iter=data_iter)
+
+    # ---------------------------------------------------------------- latent statistics
+    # Per-channel mean/std of the latents over fresh training clips, stored in the VAE so that the DiT
+    # sees unit-scale latents whatever the KL weight made of them.
+    if start < cfg.steps or ckpt.latest_step() != cfg.steps:
+      model = nnx.merge(graphdef, state.params, state.rest)
+      encode_raw = jax.jit(lambda p, r, v: nnx.merge(graphdef, p, r).encode(v)[0])
+      zs = [np.asarray(encode_raw(state.params, state.rest, mesh_lib.global_batch(next(data_iter), mesh)["video"]))
+            for _ in range(max(1, 256 // cfg.batch_size))]
+      flat = np.concatenate([z.reshape(-1, z.shape[-1]) for z in zs])
+      model.set_latent_stats(flat.mean(0), flat.std(0) + 1e-6)
+      _, _, rest = nnx.split(model, nnx.Param, ...)
+      state = state.replace(rest=jax.device_put(rest, created.shardings.rest))
+      logging.info("VAE latent stats: mean=%s std=%s", flat.mean(0).round(3), flat.std(0).round(3))
+      ckpt.save(cfg.steps, state, config=config_json, data_iter=data_iter, force=True)
+  ckpt.close()
+  writer.close()
+  return {k: float(v) for k, v in metrics.items()}
