@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sora_jax import segments
+
 Array = jax.Array
 
 
@@ -25,12 +27,7 @@ Array = jax.Array
 
 def tokens_from_table(table: Array, segment_ids: Array) -> Array:
   """Gathers a per-segment table `[B, S, ...]` to tokens `[B, L, ...]`; padding tokens get zeros."""
-  table = jnp.asarray(table)
-  segment_ids = jnp.asarray(segment_ids)
-  idx = jnp.clip(segment_ids - 1, 0, table.shape[1] - 1)
-  out = jax.vmap(lambda row, ids: row[ids])(table, idx)
-  real = (segment_ids > 0).reshape(segment_ids.shape + (1,) * (out.ndim - 2))
-  return jnp.where(real, out, jnp.zeros((), out.dtype))
+  return segments.gather(jnp.asarray(table), jnp.asarray(segment_ids))
 
 
 def _expand_to(t: Array, x: Array) -> Array:

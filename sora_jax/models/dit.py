@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sora_jax import segments
 from sora_jax.models import layers
 from sora_jax.models import rope as rope_lib
 from sora_jax.parallel import mesh as mesh_lib
@@ -41,7 +42,7 @@ class DiTBlock(nnx.Module):
   def __call__(self, x, cond, seg, rope, text, text_seg):
     """x [B,L,D]; cond [B,S,D] per segment; text [B,Lt,Dt]."""
     mod = self.ada(jax.nn.silu(cond))  # [B, S, 6, D]
-    mod = layers.gather_segments(mod, seg).astype(x.dtype)  # [B, L, 6, D]
+    mod = segments.gather(mod, seg).astype(x.dtype)  # [B, L, 6, D]
     shift1, scale1, gate1, shift2, scale2, gate2 = [mod[:, :, i] for i in range(6)]
     h = self.norm1(x) * (1 + scale1) + shift1
     x = x + gate1 * self.attn(h, seg, rope=rope)
@@ -112,7 +113,7 @@ class DiT(nnx.Module):
         fn = apply_block if self.remat == "none" else nnx.remat(apply_block, policy=policy)
         x = fn(block, x)
     shift, scale = [m[:, :, 0] for m in jnp.split(
-        layers.gather_segments(self.final_ada(jax.nn.silu(cond)), seg), 2, axis=2)]
+        segments.gather(self.final_ada(jax.nn.silu(cond)), seg), 2, axis=2)]
     x = self.final_norm(x) * (1 + scale) + shift
     out = self.patch_out(x).astype(jnp.float32)
     return jnp.where((seg > 0)[..., None], out, 0.0)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sora_jax import segments
 from sora_jax.models import attention as attention_lib
 from sora_jax.models import rope as rope_lib
 from sora_jax.parallel import mesh as mesh_lib
@@ -133,19 +134,3 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
   args = (t.astype(jnp.float32) * 1000.0)[..., None] * freqs
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-
-
-def gather_segments(table: jax.Array, segment_ids: jax.Array) -> jax.Array:
-  """Per-segment table [B, S, ...] -> per-token [B, L, ...] (padding tokens get zeros)."""
-  idx = jnp.maximum(segment_ids - 1, 0)
-  out = jnp.take_along_axis(table, idx.reshape(idx.shape + (1,) * (table.ndim - 2)), axis=1)
-  mask = (segment_ids > 0).reshape(segment_ids.shape + (1,) * (table.ndim - 2))
-  return jnp.where(mask, out, jnp.zeros((), table.dtype))
-
-
-def segment_mean(x: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
-  """Mean of token features per segment: x [B, L, D], ids [B, L] -> [B, S, D] (empty segments: 0)."""
-  onehot = jax.nn.one_hot(segment_ids - 1, num_segments, dtype=jnp.float32)  # id 0 -> all zeros
-  total = jnp.einsum("bls,bld->bsd", onehot, x.astype(jnp.float32))
-  count = jnp.sum(onehot, axis=1)[..., None]
-  return (total / jnp.maximum(count, 1.0)).astype(x.dtype)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from flax import nnx
 
 from sora_jax.models import dit as dit_lib
-from sora_jax.models import layers
+from sora_jax import segments
 from sora_jax.models import text as text_lib
 
 
@@ -19,7 +19,7 @@ class TextToVideo(nnx.Module):
   def encode_text(self, text, text_segment_ids, text_positions, num_segments: int):
     """Packed caption tokens [B, Lt] -> (per-token states [B, Lt, Dt], pooled per segment [B, S, Dt])."""
     states = self.text(text, text_segment_ids, text_positions)
-    return states, layers.segment_mean(states, text_segment_ids, num_segments)
+    return states, segments.mean(states, text_segment_ids, num_segments)
 
   def __call__(self, x, coords, segment_ids, t_table, text_states, text_segment_ids, text_pooled):
     return self.dit(x, coords, segment_ids, t_table, text_states, text_segment_ids, text_pooled)

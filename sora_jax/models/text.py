@@ -50,7 +50,8 @@ class ByteTextEncoder(nnx.Module):
 
   def __call__(self, tokens, segment_ids, positions):
     """tokens, segment_ids, positions: [B, Lt] -> states [B, Lt, width]."""
-    x = jnp.take(self.embed[...], tokens, axis=0)
+    # One-hot matmul: the backward of a gather is a scatter-add, slow on CPU and TPU; the vocab is tiny.
+    x = jax.nn.one_hot(tokens, VOCAB_SIZE, dtype=jnp.float32) @ self.embed[...]
     rope = rope_lib.rope_1d(positions, self.width // self.num_heads)
     for block in self.blocks:
       x = block(x, segment_ids, rope)

@@ -98,6 +98,28 @@ def flops_per_token(config) -> float:
   return 3.0 * d.depth * per_layer
 
 
+def make_train_step(config, graphdef, tx, shardings):
+  """jit(state, batch) -> (state, metrics); donates the state, keeps it in its sharded layout."""
+  cfg = config.train_dit
+  lr_fn = optim.schedule(cfg)
+
+  @functools.partial(jax.jit, donate_argnums=0, out_shardings=(shardings, None))
+  def train_step(state, batch):
+    rng = jax.random.fold_in(jax.random.key(config.seed + 1), state.step)
+
+    def loss_fn(params):
+      return denoiser_loss(nnx.merge(graphdef, params, state.rest), batch, rng, config)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = None if state.ema is None else optim.ema_update(state.ema, params, cfg.ema_decay, state.step)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_fn(state.step)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
+
+  return train_step
+
+
 def train(config, workdir: str, mesh) -> dict:
   cfg = config.train_dit
   is_main = jax.process_index() == 0
@@ -119,21 +141,7 @@ def train(config, workdir: str, mesh) -> dict:
   start = int(state.step)
 
   # ---------------------------------------------------------------- update step
-  lr_fn = optim.schedule(cfg)
-
-  @functools.partial(jax.jit, donate_argnums=0, out_shardings=(created.shardings, None))
-  def train_step(state, batch):
-    rng = jax.random.fold_in(jax.random.key(config.seed + 1), state.step)
-
-    def loss_fn(params):
-      return denoiser_loss(nnx.merge(graphdef, params, state.rest), batch, rng, config)
-
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = None if state.ema is None else optim.ema_update(state.ema, params, cfg.ema_decay, state.step)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_fn(state.step)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
+  train_step = make_train_step(config, graphdef, tx, created.shardings)
 
   # ---------------------------------------------------------------- loop
   writer = log_lib.MetricWriter(workdir, "dit", total_steps=cfg.steps, initial_step=start, is_main=is_main)

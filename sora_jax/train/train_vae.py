@@ -77,6 +77,33 @@ def make_decode_fn(graphdef, mesh):
   return decode
 
 
+def make_train_step(config, graphdef, tx, shardings):
+  """jit(state, batch) -> (state, metrics): L1 + KL; donates the state."""
+  cfg = config.train_vae
+  kl_weight = cfg.kl_weight
+  lr_fn = optim.schedule(cfg)
+
+  @functools.partial(jax.jit, donate_argnums=0, out_shardings=(shardings, None))
+  def train_step(state, batch):
+    rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+    x = mesh_lib.constrain(batch["video"], ("act_batch", "act_time", "act_height", "act_width", "act_channels"))
+
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params, state.rest)
+      recon, mean, logvar = model(x, rng=rng)
+      l1 = jnp.mean(jnp.abs(recon - x))
+      kl = vae_lib.kl_loss(mean, logvar)
+      return l1 + kl_weight * kl, {"l1": l1, "kl": kl, "psnr": psnr(jnp.clip(recon, -1, 1), x)}
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics.update(loss=loss, grad_norm=optax.global_norm(grads), lr=lr_fn(state.step))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
 def train(config, workdir: str, mesh) -> dict:
   cfg = config.train_vae
   is_main = jax.process_index() == 0
@@ -98,26 +125,7 @@ def train(config, workdir: str, mesh) -> dict:
   start = int(state.step)
 
   # ---------------------------------------------------------------- update step
-  kl_weight = cfg.kl_weight
-  lr_fn = optim.schedule(cfg)
-
-  @functools.partial(jax.jit, donate_argnums=0, out_shardings=(created.shardings, None))
-  def train_step(state, batch):
-    rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
-    x = mesh_lib.constrain(batch["video"], ("act_batch", "act_time", "act_height", "act_width", "act_channels"))
-
-    def loss_fn(params):
-      model = nnx.merge(graphdef, params, state.rest)
-      recon, mean, logvar = model(x, rng=rng)
-      l1 = jnp.mean(jnp.abs(recon - x))
-      kl = vae_lib.kl_loss(mean, logvar)
-      return l1 + kl_weight * kl, {"l1": l1, "kl": kl, "psnr": psnr(jnp.clip(recon, -1, 1), x)}
-
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics.update(loss=loss, grad_norm=optax.global_norm(grads), lr=lr_fn(state.step))
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  train_step = make_train_step(config, graphdef, tx, created.shardings)
 
   # ---------------------------------------------------------------- loop
   writer = log_lib.MetricWriter(workdir, "vae", total_steps=cfg.steps, initial_step=start, is_main=is_main)

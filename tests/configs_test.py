@@ -1,0 +1,63 @@
+"""Configs parse, validate, and bad ones fail with one line naming the field."""
+import glob
+import importlib.util
+import os
+
+import pytest
+
+from configs import tiny_t2v
+from sora_jax import configs_lib
+
+ROOT = os.path.dirname(os.path.dirname(__file__))
+
+
+def _load(path):
+  spec = importlib.util.spec_from_file_location("cfg", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))))
+@pytest.mark.parametrize("arg", [None, "runlocal"])
+def test_every_config_validates(path, arg):
+  mod = _load(path)
+  if not hasattr(mod, "get_config"):
+    pytest.skip("not a config")
+  configs_lib.validate(mod.get_config(arg))
+  assert "python -m sora_jax.main" in mod.__doc__
+
+
+def test_parse_arg_types_and_errors():
+  arg = configs_lib.parse_arg("runlocal,steps=10,lr=0.5,name=x", runlocal=False, steps=1, lr=1.0, name="")
+  assert arg.runlocal is True and arg.steps == 10 and arg.lr == 0.5 and arg.name == "x"
+  with pytest.raises(configs_lib.ConfigError, match="unknown name 'stepz'"):
+    configs_lib.parse_arg("stepz=3", steps=1)
+  with pytest.raises(configs_lib.ConfigError, match="steps: expected int"):
+    configs_lib.parse_arg("steps=abc", steps=1)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("mode", "trian_dit", r"config.mode='trian_dit': unknown mode"),
+    ("train_dit.steps", -3, r"config.train_dit.steps=-3: must be non-negative"),
+    ("train_vae.lr", 0.0, r"config.train_vae.lr=0.0: must be positive"),
+    ("dit.patch_size", (1, 3, 3), r"config.data.sizes\[0\]=.*divide by VAE stride 4 x patch 3x3"),
+    ("dit.patch_size", (2, 2, 2), r"config.dit.patch_size=\(2, 2, 2\): temporal patch 2 does not divide 3"),
+    ("dit.num_heads", 5, r"config.dit.num_heads=5: must divide dit.width=192"),
+    ("data.sizes", [(8, 32, 32)], r"frames must be 1 \+ 4\*k"),
+    ("train_dit.seq_len", 16, r"config.train_dit.seq_len=16: shorter than the 48 tokens"),
+    ("mesh", [("data", -1), ("fsdp", -1), ("context", 1), ("tensor", 1)], r"config.mesh=.*at most one -1"),
+    ("attention", "flash", r"config.attention='flash': unknown backend"),
+    ("train_dit.ema_decay", 1.0, r"config.train_dit.ema_decay=1.0: must be in \[0, 1\)"),
+    ("vae.temporal_downsample", (True,), r"config.vae.temporal_downsample=\(True,\): needs one entry per"),
+])
+def test_bad_field_is_named(field, value, message):
+  config = tiny_t2v.get_config("variable=False")
+  *parents, leaf = field.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(configs_lib.ConfigError, match=message) as e:
+    configs_lib.validate(config)
+  assert "\n" not in str(e.value)
