@@ -27,6 +27,15 @@ _PROMPTS = flags.DEFINE_string("prompts", None, "JSONL prompts file for --mode=s
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries:
+  """Drops INFO chatter from checkpoint/dataset libraries so progress lines stay readable."""
+
+  NOISY = ("orbax", "tensorflow_datasets", "etils", "grain")
+
+  def filter(self, record):
+    return record.levelno >= 30 or not any(n in record.pathname for n in self.NOISY)
+
+
 def _setup_jax(config):
   import jax  # imported after flags so JAX_PLATFORMS and friends from the environment apply
   if config.compilation_cache:
@@ -110,6 +119,7 @@ def run(config, workdir: str, mode: str) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   config = _CONFIG.value
   mode = _MODE.value or config.mode
   from sora_jax import configs_lib

@@ -1,0 +1,288 @@
+"""Procedural captioned videos: the embedded default dataset (no download).
+
+Each sample is one flat-coloured shape moving over a flat background. Every
+attribute of the clip is named in its caption and returned as an integer label,
+so a pixel-level scorer (`sora_jax.eval.scorer`) can check prompt adherence.
+
+Everything is a pure function of (index, split, seed): no global RNG, so the
+same index gives the same bytes in any process, which keeps grain pipelines
+resumable. A fixed set of (color, shape, direction) combinations is held out of
+training to measure compositional generalisation.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+import zlib
+
+import numpy as np
+
+SHAPES = ("circle", "square", "triangle")
+COLORS = ("red", "green", "blue", "yellow", "cyan", "magenta")
+SIZES = ("small", "large")
+# Image coordinates: "up" means the row index decreases.
+DIRECTIONS = ("left", "right", "up", "down")
+MOTIONS = ("straight", "zigzag")
+BACKGROUNDS = ("black", "gray", "navy")
+
+# Foreground colours are saturated (max channel >= 220) and backgrounds dark,
+# so every foreground is far from every background, also after blur and noise.
+PALETTE = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (60, 100, 255),
+    "yellow": (235, 220, 40),
+    "cyan": (40, 220, 230),
+    "magenta": (225, 50, 225),
+    "black": (0, 0, 0),
+    "gray": (90, 90, 90),
+    "navy": (20, 24, 80),
+}
+
+ATTRIBUTES = dict(
+    shape=SHAPES,
+    color=COLORS,
+    size=SIZES,
+    direction=DIRECTIONS,
+    motion=MOTIONS,
+    background=BACKGROUNDS,
+)
+ATTRIBUTE_NAMES = tuple(ATTRIBUTES)
+
+# Shape extent (bounding box side) as a fraction of min(H, W).
+SIZE_FRACTION = {"small": 0.24, "large": 0.42}
+# Net displacement over a clip as a fraction of the frame along the direction.
+DISPLACEMENT_RANGE = (0.35, 0.5)
+# Zigzag amplitude as a fraction of min(H, W).
+ZIGZAG_AMPLITUDE = 0.1
+
+_SPLITS = {"train": 0, "heldout": 1, "all": 2}
+_MOTION_VERBS = {"straight": "moving", "zigzag": "zigzagging"}
+
+
+def _heldout_combos(fraction: float = 0.1) -> tuple[tuple[str, str, str], ...]:
+  """Picks ~`fraction` of (color, shape, direction) combos by a stable hash.
+
+  Combos are taken in crc32 order, skipping any that would share a pair
+  (color-shape, color-direction, shape-direction) with an already held-out
+  combo: every pair of values then still co-occurs in training, so the held-out
+  set tests new compositions, never unseen values or pairs.
+  """
+  combos = list(itertools.product(COLORS, SHAPES, DIRECTIONS))
+  combos.sort(key=lambda c: zlib.crc32("/".join(c).encode()))
+  target = max(1, round(fraction * len(combos)))
+  picked, used = [], set()
+  for color, shape, direction in combos:
+    pairs = {("cs", color, shape), ("cd", color, direction), ("sd", shape, direction)}
+    if pairs & used:
+      continue
+    picked.append((color, shape, direction))
+    used |= pairs
+    if len(picked) == target:
+      break
+  return tuple(sorted(picked))
+
+
+HELDOUT_COMBOS = _heldout_combos()
+_HELDOUT_SET = frozenset(HELDOUT_COMBOS)
+
+
+def is_heldout(attrs: Mapping[str, str]) -> bool:
+  """Whether the clip's (color, shape, direction) combo is held out of training."""
+  return (attrs["color"], attrs["shape"], attrs["direction"]) in _HELDOUT_SET
+
+
+def caption(attrs: Mapping[str, str]) -> str:
+  """Caption naming every attribute; lower-case ASCII, < 64 bytes."""
+  return (f"a {attrs['size']} {attrs['color']} {attrs['shape']} "
+          f"{_MOTION_VERBS[attrs['motion']]} {attrs['direction']} "
+          f"on a {attrs['background']} background")
+
+
+def labels_of(attrs: Mapping[str, str]) -> np.ndarray:
+  """Attribute indices in ATTRIBUTE_NAMES order, int32 [len(ATTRIBUTE_NAMES)]."""
+  return np.array([ATTRIBUTES[k].index(attrs[k]) for k in ATTRIBUTE_NAMES], np.int32)
+
+
+def attrs_of(labels: Sequence[int]) -> dict[str, str]:
+  """Inverse of `labels_of`."""
+  return {k: ATTRIBUTES[k][int(i)] for k, i in zip(ATTRIBUTE_NAMES, labels)}
+
+
+def _rng(*keys: int) -> np.random.Generator:
+  # SeedSequence over a list of ints is stable across processes and platforms.
+  return np.random.default_rng([int(k) & 0xFFFFFFFF for k in keys])
+
+
+def sample_attributes(index: int, split: str = "train", seed: int = 0) -> dict[str, str]:
+  """Deterministic attributes for `index`.
+
+  'train' never yields a held-out combo, 'heldout' only yields held-out combos,
+  'all' draws uniformly from everything.
+  """
+  if split not in _SPLITS:
+    raise ValueError(f"split must be one of {tuple(_SPLITS)}, got {split!r}")
+  rng = _rng(seed, index, _SPLITS[split], 1)
+  attrs = {k: v[rng.integers(len(v))] for k, v in ATTRIBUTES.items()}
+  if split == "heldout":
+    combo = HELDOUT_COMBOS[rng.integers(len(HELDOUT_COMBOS))]
+    attrs["color"], attrs["shape"], attrs["direction"] = combo
+  elif split == "train":
+    # Rejection keeps the other combos uniform; ~10% rejected, so this is short.
+    while is_heldout(attrs):
+      attrs["color"] = COLORS[rng.integers(len(COLORS))]
+      attrs["shape"] = SHAPES[rng.integers(len(SHAPES))]
+      attrs["direction"] = DIRECTIONS[rng.integers(len(DIRECTIONS))]
+  return attrs
+
+
+def _trajectory(attrs, frames, height, width, extent, rng):
+  """Per-frame shape centres (rows, cols) in pixel units, float [T] each."""
+  horizontal = attrs["direction"] in ("left", "right")
+  sign = 1.0 if attrs["direction"] in ("right", "down") else -1.0
+  along_len, perp_len = (width, height) if horizontal else (height, width)
+  half = extent / 2
+  margin = 1.0
+  amp = ZIGZAG_AMPLITUDE * min(height, width) if attrs["motion"] == "zigzag" else 0.0
+
+  room = max(along_len - extent - 2 * margin, 0.0)
+  disp = min(rng.uniform(*DISPLACEMENT_RANGE) * along_len, room)
+  lo = half + margin
+  start = lo + rng.uniform(0.0, room - disp)  # distance from the start edge
+  if sign < 0:
+    start = along_len - start
+  perp_room = max(perp_len - extent - 2 * margin - 2 * amp, 0.0)
+  perp = half + margin + amp + rng.uniform(0.0, perp_room)
+
+  if frames == 1:
+    progress = np.zeros(1)
+  else:
+    progress = np.arange(frames) / (frames - 1)
+  along = start + sign * disp * progress
+  # Two cycles of a cosine centred on the middle frame: symmetric, so a
+  # least-squares fit of the perpendicular coordinate has exactly zero slope.
+  period = max(4.0, (frames - 1) / 2)
+  offset = amp * np.cos(2 * np.pi * (np.arange(frames) - (frames - 1) / 2) / period)
+  perp = perp + offset
+  return (perp, along) if horizontal else (along, perp)
+
+
+def render(attrs: Mapping[str, str], frames: int, height: int, width: int,
+           seed: int = 0) -> np.ndarray:
+  """Renders the clip described by `attrs` as uint8 [frames, height, width, 3].
+
+  Any size works; one frame is an image (the shape at its start position).
+  The start position and speed come from `seed`; the shape stays inside the
+  frame and travels 35-50% of the frame along its direction.
+  """
+  if frames < 1 or height < 4 or width < 4:
+    raise ValueError(f"bad size {(frames, height, width)}")
+  rng = _rng(seed, 2)
+  extent = SIZE_FRACTION[attrs["size"]] * min(height, width)
+  rows, cols = _trajectory(attrs, frames, height, width, extent, rng)
+  rows, cols = rows.astype(np.float32), cols.astype(np.float32)
+
+  # Offsets of pixel centres from the shape centre, [T, H, 1] and [T, 1, W].
+  dy = (np.arange(height, dtype=np.float32) + 0.5)[None, :, None] - rows[:, None, None]
+  dx = (np.arange(width, dtype=np.float32) + 0.5)[None, None, :] - cols[:, None, None]
+  half = np.float32(extent / 2)
+  shape = attrs["shape"]
+  if shape == "circle":
+    mask = dy * dy + dx * dx <= half * half
+  elif shape == "square":
+    mask = (np.abs(dy) <= half) & (np.abs(dx) <= half)
+  elif shape == "triangle":
+    # Apex up, base down; half-width grows linearly from 0 to `half`.
+    mask = (np.abs(dy) <= half) & (np.abs(dx) <= (dy + half) / 2)
+  else:
+    raise ValueError(f"unknown shape {shape!r}")
+
+  fg, bg = PALETTE[attrs["color"]], PALETTE[attrs["background"]]
+  # Per-channel selects are ~2x faster than one broadcast over [..., 3].
+  video = np.empty(mask.shape + (3,), np.uint8)
+  for c in range(3):
+    video[..., c] = np.where(mask, np.uint8(fg[c]), np.uint8(bg[c]))
+  return video
+
+
+def _clip_seed(seed: int, index: int, split: str) -> int:
+  return int(np.random.SeedSequence([seed & 0xFFFFFFFF, index, _SPLITS[split], 3])
+             .generate_state(1)[0])
+
+
+class SyntheticVideos:
+  """Random-access source of captioned synthetic clips (grain protocol).
+
+  Each index picks one of `sizes` ((frames, height, width) tuples) with
+  probability proportional to `size_weights`, its attributes from `split`, and
+  its start position and speed; all deterministically from (seed, index).
+  """
+
+  def __init__(self, num_samples: int, sizes: Sequence[tuple[int, int, int]],
+               size_weights: Sequence[float] | None = None, split: str = "train",
+               seed: int = 0):
+    if split not in _SPLITS:
+      raise ValueError(f"split must be one of {tuple(_SPLITS)}, got {split!r}")
+    if not sizes:
+      raise ValueError("sizes must be non-empty")
+    self.num_samples = int(num_samples)
+    self.sizes = [tuple(int(x) for x in s) for s in sizes]
+    weights = np.ones(len(self.sizes)) if size_weights is None else np.asarray(
+        size_weights, np.float64)
+    if weights.shape != (len(self.sizes),) or (weights < 0).any() or weights.sum() <= 0:
+      raise ValueError(f"bad size_weights {size_weights!r} for {len(self.sizes)} sizes")
+    self._cdf = np.cumsum(weights / weights.sum())
+    self.split = split
+    self.seed = int(seed)
+
+  def __len__(self) -> int:
+    return self.num_samples
+
+  def size_of(self, index: int) -> tuple[int, int, int]:
+    """The (frames, height, width) used for `index`."""
+    u = _rng(self.seed, index, _SPLITS[self.split], 4).random()
+    return self.sizes[min(int(np.searchsorted(self._cdf, u, side="right")),
+                          len(self.sizes) - 1)]
+
+  def __getitem__(self, index: int) -> dict:
+    index = int(index)
+    if not 0 <= index < self.num_samples:
+      raise IndexError(f"index {index} out of range [0, {self.num_samples})")
+    attrs = sample_attributes(index, self.split, self.seed)
+    frames, height, width = self.size_of(index)
+    video = render(attrs, frames, height, width, _clip_seed(self.seed, index, self.split))
+    return dict(video=video, caption=caption(attrs), labels=labels_of(attrs), index=index)
+
+  def __repr__(self) -> str:
+    return (f"SyntheticVideos(num_samples={self.num_samples}, sizes={self.sizes}, "
+            f"split={self.split!r}, seed={self.seed})")
+
+
+def as_map_dataset(num_samples: int, sizes: Sequence[tuple[int, int, int]],
+                   size_weights: Sequence[float] | None = None, split: str = "train",
+                   seed: int = 0):
+  """`grain.MapDataset` over `SyntheticVideos`."""
+  import grain  # Lazy: keeps this module importable without grain.
+  return grain.MapDataset.source(
+      SyntheticVideos(num_samples, sizes, size_weights, split, seed))
+
+
+def heldout_prompts(n: int, size: tuple[int, int, int] = (9, 32, 32),
+                    seed: int = 0) -> list[dict]:
+  """`n` prompt records with held-out combos, cycling through all of them.
+
+  Each record has caption, labels, attrs, seed (for `render`), frames, height
+  and width: what the sampler needs to generate and the scorer to judge.
+  """
+  frames, height, width = size
+  records = []
+  for i in range(n):
+    attrs = sample_attributes(i, "heldout", seed)
+    # Cycle the combos so a small n still covers every held-out combination.
+    attrs["color"], attrs["shape"], attrs["direction"] = HELDOUT_COMBOS[
+        i % len(HELDOUT_COMBOS)]
+    records.append(dict(caption=caption(attrs), labels=labels_of(attrs), attrs=attrs,
+                        seed=_clip_seed(seed, i, "heldout"), frames=frames,
+                        height=height, width=width))
+  return records

@@ -1,0 +1,146 @@
+"""Tests for the pixel-level prompt-adherence scorer."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from sora_jax.data import synthetic
+from sora_jax.eval import scorer
+
+SIZES = [(9, 32, 32), (9, 32, 48), (17, 64, 64)]
+
+
+def _grid(frames, height, width):
+  """Every colour x direction x background x motion; shape and size cycle."""
+  videos, labels = [], []
+  for k, (color, direction, background, motion) in enumerate(itertools.product(
+      synthetic.COLORS, synthetic.DIRECTIONS, synthetic.BACKGROUNDS, synthetic.MOTIONS)):
+    attrs = dict(shape=synthetic.SHAPES[k % 3], color=color,
+                 size=synthetic.SIZES[(k // 3) % 2], direction=direction,
+                 motion=motion, background=background)
+    videos.append(synthetic.render(attrs, frames, height, width, seed=k))
+    labels.append(synthetic.labels_of(attrs))
+  return videos, np.stack(labels)
+
+
+def _degrade(video, rng, sigma=0.1):
+  """uint8 -> float [-1, 1] with a [1, 2, 1] / 4 spatial blur and Gaussian noise."""
+  x = video.astype(np.float32) / 127.5 - 1.0
+  for axis in (1, 2):
+    p = np.pad(x, [(1, 1) if a == axis else (0, 0) for a in range(4)], mode="edge")
+    n = x.shape[axis]
+    x = sum(w * np.take(p, np.arange(o, o + n), axis=axis)
+            for o, w in enumerate((0.25, 0.5, 0.25)))
+  return (x + sigma * rng.standard_normal(x.shape)).astype(np.float32)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_ground_truth_clips_scored_perfectly(size):
+  videos, labels = _grid(*size)
+  acc = scorer.prompt_adherence(videos, labels)
+  for attr in scorer.SCORED:
+    assert acc[attr] == 1.0, (attr, acc)
+  assert acc["all"] == 1.0 and acc["mean"] == 1.0
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_robust_to_noise_and_blur(size):
+  rng = np.random.default_rng(0)
+  videos, labels = _grid(*size)
+  noisy = [_degrade(v, rng) for v in videos]
+  acc = scorer.prompt_adherence(noisy, labels)
+  for attr in ("color", "direction", "size", "motion", "background"):
+    assert acc[attr] == 1.0, (attr, acc)
+  assert acc["shape"] >= 0.99, acc  # Measured 0.999-1.0: a 7-pixel square can look round.
+
+
+def test_every_shape_and_size():
+  videos, labels = [], []
+  for k, (shape, size) in enumerate(itertools.product(synthetic.SHAPES, synthetic.SIZES)):
+    for j, color in enumerate(synthetic.COLORS):
+      attrs = dict(shape=shape, color=color, size=size,
+                   direction=synthetic.DIRECTIONS[j % 4], motion="straight",
+                   background=synthetic.BACKGROUNDS[j % 3])
+      videos.append(synthetic.render(attrs, 9, 32, 32, seed=10 * k + j))
+      labels.append(synthetic.labels_of(attrs))
+  acc = scorer.prompt_adherence(videos, np.stack(labels), attributes=("shape", "size"))
+  assert acc == dict(shape=1.0, size=1.0, mean=1.0, all=1.0)
+
+
+def test_float_input_matches_uint8():
+  attrs = synthetic.sample_attributes(3)
+  video = synthetic.render(attrs, 9, 32, 48, seed=1)
+  as_float = video.astype(np.float32) / 127.5 - 1.0
+  assert scorer.score_video(video) == scorer.score_video(as_float)
+  assert scorer.score_video(video) == {k: attrs[k] for k in scorer.SCORED}
+
+
+def test_deterministic():
+  rng = np.random.default_rng(1)
+  video = _degrade(synthetic.render(synthetic.sample_attributes(9), 9, 32, 32, 2), rng)
+  assert scorer.score_video(video) == scorer.score_video(video.copy())
+
+
+def test_image_has_no_direction():
+  attrs = dict(shape="circle", color="cyan", size="large", direction="up",
+               motion="zigzag", background="navy")
+  image = synthetic.render(attrs, 1, 32, 32, seed=0)
+  scored = scorer.score_video(image)
+  assert scored["direction"] is None and scored["motion"] is None
+  assert scored["color"] == "cyan" and scored["background"] == "navy"
+  assert scorer.score_video(image[0]) == scored  # [H, W, 3] is a 1-frame video.
+  # Direction and motion of images are not counted, not counted as wrong.
+  acc = scorer.prompt_adherence([image], synthetic.labels_of(attrs)[None])
+  assert "direction" not in acc and "motion" not in acc
+  assert acc["color"] == 1.0 and acc["all"] == 1.0
+
+
+def test_static_and_blank_clips_score_none():
+  attrs = dict(shape="square", color="red", size="large", direction="left",
+               motion="straight", background="gray")
+  frame = synthetic.render(attrs, 1, 32, 32, seed=0)
+  static = np.repeat(frame, 9, axis=0)
+  assert scorer.score_video(static)["direction"] is None
+  blank = np.full((9, 32, 32, 3), 90, np.uint8)
+  scored = scorer.score_video(blank)
+  assert scored["color"] is None and scored["background"] == "gray"
+  labels = np.stack([synthetic.labels_of(attrs)] * 2)
+  acc = scorer.prompt_adherence(np.stack([static, blank]), labels)
+  # Missing predictions count as wrong.
+  assert acc["direction"] == 0.0 and acc["color"] == 0.5 and acc["background"] == 1.0
+
+
+def test_unknown_labels_are_skipped():
+  videos, labels = _grid(9, 32, 32)
+  labels = labels[:8].copy()
+  labels[:, synthetic.ATTRIBUTE_NAMES.index("shape")] = -1
+  acc = scorer.prompt_adherence(videos[:8], labels)
+  assert "shape" not in acc and acc["color"] == 1.0
+
+
+def test_wrong_labels_lower_accuracy():
+  videos, labels = _grid(9, 32, 32)
+  wrong = labels.copy()
+  j = synthetic.ATTRIBUTE_NAMES.index("color")
+  wrong[::2, j] = (wrong[::2, j] + 1) % len(synthetic.COLORS)
+  acc = scorer.prompt_adherence(videos, wrong)
+  assert acc["color"] == 0.5 and acc["direction"] == 1.0
+
+
+def test_attribute_confusion():
+  videos, labels = _grid(9, 32, 32)
+  conf = scorer.attribute_confusion(videos, labels, "direction")
+  assert conf.shape == (4, 5)
+  np.testing.assert_array_equal(conf[:, :4], np.diag(conf.sum(1)))
+  assert conf.sum() == len(videos)
+
+
+def test_predict_labels():
+  videos, labels = _grid(9, 32, 32)
+  preds = scorer.predict_labels(videos[:10])
+  assert preds.dtype == np.int32 and preds.shape == (10, len(synthetic.ATTRIBUTE_NAMES))
+  np.testing.assert_array_equal(preds, labels[:10])
+  only = scorer.predict_labels(videos[:2], attributes=("color",))
+  assert (only[:, synthetic.ATTRIBUTE_NAMES.index("color")] >= 0).all()
+  assert (np.delete(only, synthetic.ATTRIBUTE_NAMES.index("color"), axis=1) == -1).all()
