@@ -39,6 +39,22 @@ def unpatchify(tokens, grid: Sequence[int], patch: Sequence[int], channels: int)
                           t=nt, h=nh, w=nw, pt=pt, ph=ph, pw=pw, c=channels)
 
 
+def drop_tokens(tokens: np.ndarray, coords: np.ndarray, rate: float, rng: np.random.Generator):
+  """NaViT token dropping: keeps a random subset of round((1 - rate) * N) tokens (at least one).
+
+  Coordinates travel with their tokens, so RoPE still places every kept token in its grid; the order is
+  kept, which keeps rows deterministic for a given rng.
+  """
+  if rate <= 0:
+    return tokens, coords
+  if not 0 <= rate < 1:
+    raise ValueError(f"token drop rate must be in [0, 1), got {rate}")
+  n = len(tokens)
+  keep = max(1, int(round((1.0 - rate) * n)))
+  idx = np.sort(rng.choice(n, size=keep, replace=False))
+  return tokens[idx], coords[idx]
+
+
 def num_tokens(latent_shape: Sequence[int], patch: Sequence[int]) -> int:
   return int(np.prod([s // p for s, p in zip(latent_shape[:3], patch)]))
 
