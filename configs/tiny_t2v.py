@@ -14,8 +14,8 @@ from sora_jax import configs_lib
 
 def get_config(arg=None):
   arg = configs_lib.parse_arg(
-      arg, runlocal=False, variable=True, vae_steps=1200, dit_steps=3000, width=192, depth=6,
-      encode_samples=4000, res=32)
+      arg, runlocal=False, variable=True, vae_steps=400, dit_steps=2000, width=144, depth=6,
+      encode_samples=3000, res=32)
   c = configs_lib.ml_collections.ConfigDict()
   c.mode = "all"
   c.seed = 0
@@ -33,7 +33,7 @@ def get_config(arg=None):
       heldout_size=(9, r, r),
   )
   c.vae = dict(
-      base_channels=32,
+      base_channels=16,
       channel_mults=(1, 2, 4),
       num_res_blocks=1,
       temporal_downsample=(True, True),
@@ -45,7 +45,7 @@ def get_config(arg=None):
       kl_weight=1e-6, sizes=[(9, r, r), (1, r, r)], size_weights=[0.8, 0.2],
       log_every=50, ckpt_every=500, keep=2)
   c.encode = dict(num_samples=arg.encode_samples, batch_size=32)
-  c.text = dict(encoder="bytes", max_len=64, width=128, depth=2, num_heads=4)
+  c.text = dict(encoder="trainable", tokenizer="words", max_len=16, width=128, depth=2, num_heads=4)
   c.dit = dict(
       width=arg.width, depth=arg.depth, num_heads=4, mlp_ratio=4.0, patch_size=(1, 2, 2), qk_norm=True,
       scan_layers=True, remat="none")
@@ -54,12 +54,15 @@ def get_config(arg=None):
       # Larger grids get more noise: shift = sqrt(tokens / shift_base_tokens), clipped to [1, max_shift].
       resolution_shift=True, shift_base_tokens=48, max_shift=4.0)
   c.train_dit = dict(
-      steps=arg.dit_steps, batch_size=8, seq_len=256, text_seq_len=512, max_segments=8,
+      steps=arg.dit_steps, batch_size=8, seq_len=256, text_seq_len=128, max_segments=8,
       lr=5e-4, warmup_steps=200, weight_decay=0.01, grad_clip=1.0, ema_decay=0.999,
       caption_dropout=0.1, log_every=50, ckpt_every=1000, keep=2, num_packing_bins=16)
+  # Frame conditioning in training (image-to-video, extension, connecting): a mask strategy per segment.
+  c.cond = dict(mask_ratios=dict(none=0.5, first=0.1, last=0.05, first_last=0.05, prefix=0.15, suffix=0.05,
+                                 random=0.1))
   c.sample = dict(
       steps=25, solver="euler", guidance=4.0, num_heldout_prompts=32, prompts_file="", batch_size=16,
-      use_ema=True)
+      use_ema=True, guidance_image=1.0, guidance_interval=(0.0, 1.0), negative_prompt="")
   c.eval = dict(num_vae_clips=32)
 
   if arg.runlocal:

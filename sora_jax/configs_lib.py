@@ -115,7 +115,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if head_dim % 6:
     _fail("dit.width", dit.width, f"head dim {head_dim} must divide by 6 for 3D RoPE (t, h, w pairs)")
   if config.text.max_len < 2:
-    _fail("text.max_len", config.text.max_len, "must be at least 2 (BOS + one byte)")
+    _fail("text.max_len", config.text.max_len, "must be at least 2 (BOS + one token)")
+  if config.text.get("tokenizer", "bytes") not in ("bytes", "words"):
+    _fail("text.tokenizer", config.text.tokenizer, "choose 'bytes' or 'words'")
+  if config.train_dit.text_seq_len < config.text.max_len:
+    _fail("train_dit.text_seq_len", config.train_dit.text_seq_len,
+          f"must hold at least one caption of text.max_len={config.text.max_len} tokens")
   # Training schedules.
   for stage in ("train_vae", "train_dit"):
     for f in ("steps", "batch_size"):

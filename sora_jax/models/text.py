@@ -1,10 +1,15 @@
-"""A small trainable byte-level text encoder for the embedded data.
+"""A small trainable text encoder over byte or word tokens, for the embedded data.
 
-Captions are UTF-8 bytes behind a BOS token; an empty caption (the unconditional prompt for
-classifier-free guidance) is the BOS token alone, so every segment always has at least one text token.
+Captions become a BOS token followed by either their UTF-8 bytes (`bytes`: any text, ~55 tokens for the
+embedded captions) or their words hashed into a fixed vocabulary (`words`: ~11 tokens, 5x cheaper text and
+cross-attention; collisions are possible but rare at 8192 buckets). An empty caption (the unconditional
+prompt for classifier-free guidance) is the BOS token alone, so every segment has at least one text token.
 The encoder runs on packed text rows: tokens of different captions never attend to each other.
 """
 from __future__ import annotations
+
+import re
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -15,13 +20,21 @@ from sora_jax.models import layers
 from sora_jax.models import rope as rope_lib
 
 PAD, BOS = 0, 1
-VOCAB_SIZE = 258  # PAD, BOS, 256 bytes
+VOCAB_SIZES = {"bytes": 258, "words": 8192}  # PAD, BOS, then bytes / word buckets
+_WORD = re.compile(r"[a-z0-9]+")
 
 
-def tokenize(caption: str, max_len: int) -> np.ndarray:
-  """Caption -> int32 [n] with n <= max_len: BOS followed by the (truncated) UTF-8 bytes shifted by 2."""
-  data = caption.encode("utf-8")[: max_len - 1]
-  return np.concatenate([[BOS], np.frombuffer(data, np.uint8).astype(np.int32) + 2]).astype(np.int32)
+def tokenize(caption: str, max_len: int, tokenizer: str = "bytes") -> np.ndarray:
+  """Caption -> int32 [n], n <= max_len: BOS then the (truncated) bytes or hashed words, shifted by 2."""
+  if tokenizer == "bytes":
+    ids = np.frombuffer(caption.encode("utf-8")[: max_len - 1], np.uint8).astype(np.int32) + 2
+  elif tokenizer == "words":
+    buckets = VOCAB_SIZES["words"] - 2
+    ids = np.asarray([2 + zlib.crc32(w.encode()) % buckets for w in _WORD.findall(caption.lower())],
+                     np.int32)[: max_len - 1]
+  else:
+    raise ValueError(f"config.text.tokenizer={tokenizer!r}: choose one of {sorted(VOCAB_SIZES)}")
+  return np.concatenate([[BOS], ids]).astype(np.int32)
 
 
 class TextBlock(nnx.Module):
@@ -37,21 +50,26 @@ class TextBlock(nnx.Module):
     return x + self.mlp(self.norm2(x))
 
 
-class ByteTextEncoder(nnx.Module):
-  """Embedding + pre-norm transformer over packed byte tokens; returns per-token states."""
+class TextEncoder(nnx.Module):
+  """Embedding + pre-norm transformer over packed caption tokens; returns per-token states."""
 
-  def __init__(self, *, width: int, depth: int, num_heads: int, backend: str = "xla", rngs: nnx.Rngs):
+  def __init__(self, *, vocab_size: int, width: int, depth: int, num_heads: int, backend: str = "xla",
+               rngs: nnx.Rngs):
     self.width = width
     self.num_heads = num_heads
-    self.embed = nnx.Param(jax.random.normal(rngs.params(), (VOCAB_SIZE, width)) * 0.02,
+    self.vocab_size = vocab_size
+    self.embed = nnx.Param(jax.random.normal(rngs.params(), (vocab_size, width)) * 0.02,
                            out_sharding=("vocab", "embed"))
     self.blocks = nnx.List([TextBlock(width, num_heads, backend=backend, rngs=rngs) for _ in range(depth)])
     self.norm = layers.RMSNorm(width)
 
   def __call__(self, tokens, segment_ids, positions):
     """tokens, segment_ids, positions: [B, Lt] -> states [B, Lt, width]."""
-    # One-hot matmul: the backward of a gather is a scatter-add, slow on CPU and TPU; the vocab is tiny.
-    x = jax.nn.one_hot(tokens, VOCAB_SIZE, dtype=jnp.float32) @ self.embed[...]
+    if self.vocab_size <= 1024:
+      # One-hot matmul: a gather's backward is a scatter-add, slow on CPU and TPU; the vocab is tiny.
+      x = jax.nn.one_hot(tokens, self.vocab_size, dtype=jnp.float32) @ self.embed[...]
+    else:
+      x = jnp.take(self.embed[...], tokens, axis=0)
     rope = rope_lib.rope_1d(positions, self.width // self.num_heads)
     for block in self.blocks:
       x = block(x, segment_ids, rope)
@@ -59,7 +77,11 @@ class ByteTextEncoder(nnx.Module):
     return jnp.where((segment_ids > 0)[..., None], x, 0.0)
 
 
-def from_config(cfg, *, backend: str, rngs: nnx.Rngs) -> ByteTextEncoder:
-  if cfg.encoder != "bytes":
-    raise ValueError(f"config.text.encoder={cfg.encoder!r}: unknown text encoder; available: 'bytes'")
-  return ByteTextEncoder(width=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads, backend=backend, rngs=rngs)
+def from_config(cfg, *, backend: str, rngs: nnx.Rngs) -> TextEncoder:
+  if cfg.encoder != "trainable":
+    raise ValueError(f"config.text.encoder={cfg.encoder!r}: unknown text encoder; available: 'trainable'")
+  tokenizer = cfg.get("tokenizer", "bytes")
+  if tokenizer not in VOCAB_SIZES:
+    raise ValueError(f"config.text.tokenizer={tokenizer!r}: choose one of {sorted(VOCAB_SIZES)}")
+  return TextEncoder(vocab_size=VOCAB_SIZES[tokenizer], width=cfg.width, depth=cfg.depth,
+                     num_heads=cfg.num_heads, backend=backend, rngs=rngs)

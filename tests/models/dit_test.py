@@ -33,7 +33,7 @@ def _sample(config, grid_lat, caption, seed, index):
   rng = np.random.default_rng(seed)
   lat = rng.standard_normal(grid_lat + (config.vae.latent_channels,)).astype(np.float32)
   tokens, coords, grid = packing.patchify(lat, config.dit.patch_size)
-  return packing.sample_features(tokens, coords, grid, text_lib.tokenize(caption, config.text.max_len),
+  return packing.sample_features(tokens, coords, grid, text_lib.tokenize(caption, config.text.max_len, config.text.tokenizer),
                                  np.zeros(6), index)
 
 
