@@ -1,7 +1,9 @@
 """`--mode=encode`: write the latents of a dataset with a trained VAE into a tfds latent cache.
 
-Clips are grouped by size so every VAE call gets a dense batch; latents are stored normalised by the VAE's
-per-channel statistics, ready for the DiT.
+The dataset is `config.data.source`: 'synthetic' (config.encode.num_samples clips), 'folder' or 'tfds'
+(every file of config.data.path, config.encode.clips_per_video clips each, sized by the data size policy;
+bad files are skipped and counted, see `sources`). Clips are grouped by size so every VAE call gets a dense
+batch; latents are stored normalised by the VAE's per-channel statistics, ready for the DiT.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from absl import logging
 
 from sora_jax.data import latent_cache
 from sora_jax.data import pipeline
+from sora_jax.data import sources
 from sora_jax.data import video_io
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.train import train_dit
@@ -21,7 +24,7 @@ from sora_jax.train import train_vae
 
 
 def _examples(config, source, encode_fn, params, rest, mesh, batch_size):
-  """Yields latent-cache examples, encoding clips in same-size batches."""
+  """Yields latent-cache examples, encoding clips in same-size batches (None items are skipped samples)."""
   pending = collections.defaultdict(list)
   t0, done = time.perf_counter(), 0
 
@@ -40,8 +43,7 @@ def _examples(config, source, encode_fn, params, rest, mesh, batch_size):
     if done % (batch_size * 10) < n:
       logging.info("encode: %d/%d clips (%.1f clips/s)", done, len(source), done / (time.perf_counter() - t0))
 
-  for i in range(len(source)):
-    x = source[i]
+  for x in pipeline.prefetch(source.to_iter_dataset(), config.data.num_workers):  # None items dropped
     key = x["video"].shape
     pending[key].append(x)
     if len(pending[key]) == batch_size:
@@ -50,12 +52,23 @@ def _examples(config, source, encode_fn, params, rest, mesh, batch_size):
     yield from flush(items)
 
 
+def encode_source(config):
+  """The clips to encode: a grain MapDataset of pixel examples (None for skipped ones)."""
+  if config.data.source == "synthetic":
+    return pipeline.synthetic_source(config, split="train", seed=config.seed + 11,
+                                     num_samples=config.encode.num_samples)
+  # Several clips per file: the file list repeated, each repeat cutting its own clip (seeded by position).
+  ds = sources.records(config)
+  n = len(ds)
+  ds = ds.repeat(config.encode.get("clips_per_video", 1)) if config.encode.get("clips_per_video", 1) > 1 else ds
+  return ds.map_with_index(sources.decoder(config, seed=config.seed + 11, num_records=n, name="encode"))
+
+
 def encode(config, workdir: str, mesh) -> dict:
-  """Encodes config.encode.num_samples training clips into `<workdir>/latents`; returns a summary."""
+  """Encodes the clips of config.data.source into `<workdir>/latents`; returns a summary."""
   graphdef, params, rest = train_vae.restore(config, workdir, mesh)
   encode_fn = train_vae.make_encode_fn(graphdef, mesh)
-  source = pipeline.synthetic_source(config, split="train", seed=config.seed + 11,
-                                     num_samples=config.encode.num_samples)
+  source = encode_source(config)
   t0 = time.perf_counter()
   with mesh_lib.use(mesh, mesh_lib.VAE_RULES):
     path = latent_cache.write_latent_cache(
@@ -63,8 +76,14 @@ def encode(config, workdir: str, mesh) -> dict:
         _examples(config, source, encode_fn, params, rest, mesh, config.encode.batch_size),
         latent_channels=config.vae.latent_channels,
         metadata={"vae": config.vae.to_dict(), "sizes": [list(s) for s in config.data.sizes],
-                  "normalized": True},
+                  "normalized": True, "source": config.data.source, "path": config.data.get("path", "")},
         overwrite=True)
   seconds = time.perf_counter() - t0
-  logging.info("encode: wrote %d latents to %s in %.1fs", len(source), path, seconds)
-  return {"path": path, "num_examples": len(source), "seconds": seconds}
+  written = latent_cache.read_metadata(path)[latent_cache.CACHE_KEY]["splits"]["train"]["num_examples"]
+  skipped = len(source) - written
+  logging.info("encode: wrote %d latents to %s in %.1fs; skipped %d bad clips", written, path, seconds, skipped)
+  max_skip = config.data.get("max_skip_fraction", 0.1)
+  if skipped > max_skip * len(source):
+    raise sources.TooManySkips(f"encode: skipped {skipped} of {len(source)} clips, more than "
+                               f"config.data.max_skip_fraction={max_skip}; see the warnings naming the files")
+  return {"path": path, "num_examples": written, "skipped": skipped, "seconds": seconds}

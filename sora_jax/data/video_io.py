@@ -1,12 +1,24 @@
-"""Video files: mp4 writing through PyAV (which ships FFmpeg), GIF grids, and uint8 conversion."""
+"""Video files: mp4 writing and clip reading through PyAV (which ships FFmpeg), GIF grids, uint8 conversion.
+
+`probe` reads a container's header only; `read_clip` seeks to the first wanted frame and decodes just the
+span it needs, resizing inside FFmpeg (swscale) so full-resolution frames never reach numpy.
+"""
 from __future__ import annotations
 
+import dataclasses
+import io
 import math
-from typing import Sequence
+import os
+from typing import Sequence, Union
 
 import av
 import numpy as np
 from PIL import Image
+
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".gif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# A file path or the file's bytes (tfds datasets store mp4 bytes).
+Media = Union[str, bytes]
 
 
 def to_uint8(video) -> np.ndarray:
@@ -74,3 +86,107 @@ def write_gif_grid(path: str, videos: Sequence, fps: int = 8, columns: int | Non
     canvas = canvas.repeat(upscale, axis=1).repeat(upscale, axis=2)
   images = [Image.fromarray(f) for f in canvas]
   images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+
+
+def is_image(name: str) -> bool:
+  return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def is_video(name: str) -> bool:
+  return os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS
+
+
+def _open(src: Media):
+  return av.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoInfo:
+  num_frames: int
+  fps: float
+  height: int
+  width: int
+
+
+def probe(src: Media) -> VideoInfo:
+  """Frame count, frame rate and size from the container header (nothing is decoded)."""
+  with _open(src) as container:
+    if not container.streams.video:
+      raise ValueError("no video stream")
+    s = container.streams.video[0]
+    fps = float(s.average_rate or s.guessed_rate or 0) or 25.0
+    n = s.frames
+    if not n and s.duration and s.time_base:  # some containers leave the frame count out
+      n = int(round(float(s.duration * s.time_base) * fps))
+    if not n and container.duration:
+      n = int(round(container.duration / av.time_base * fps))
+    return VideoInfo(int(n), fps, s.codec_context.height, s.codec_context.width)
+
+
+def cover_size(height: int, width: int, out_h: int, out_w: int) -> tuple[int, int]:
+  """Smallest (h, w) with the aspect ratio of (height, width) that covers (out_h, out_w)."""
+  scale = max(out_h / height, out_w / width)
+  return max(out_h, round(height * scale)), max(out_w, round(width * scale))
+
+
+def center_crop(frames: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+  """frames [..., H, W, 3] -> [..., out_h, out_w, 3], centered."""
+  h, w = frames.shape[-3:-1]
+  top, left = (h - out_h) // 2, (w - out_w) // 2
+  return frames[..., top:top + out_h, left:left + out_w, :]
+
+
+def resize_crop(frames: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+  """uint8 [T, H, W, 3] -> [T, out_h, out_w, 3]: resize keeping the aspect ratio, then center crop."""
+  rh, rw = cover_size(frames.shape[1], frames.shape[2], out_h, out_w)
+  if (rh, rw) != frames.shape[1:3]:
+    frames = np.stack([np.asarray(Image.fromarray(f).resize((rw, rh), Image.BILINEAR)) for f in frames])
+  return np.ascontiguousarray(center_crop(frames, out_h, out_w))
+
+
+def read_image(src: Media) -> np.ndarray:
+  """Decodes an image file to uint8 [1, H, W, 3] (an image is a 1-frame video)."""
+  with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as im:
+    return np.asarray(im.convert("RGB"))[None]
+
+
+def read_clip(src: Media, *, start: int, num_frames: int, step: float = 1.0,
+              size: tuple[int, int] | None = None, info: VideoInfo | None = None) -> np.ndarray:
+  """Decodes source frames start + round(k * step), k < num_frames, to uint8 [num_frames, h, w, 3].
+
+  Seeks to the keyframe before `start` instead of decoding from the beginning. With `size=(h, w)` each kept
+  frame is resized in FFmpeg to cover (h, w) with its aspect ratio and center cropped. Raises ValueError when
+  the stream ends (or breaks) before the last wanted frame.
+  """
+  info = info or probe(src)
+  wanted = [start + int(round(k * step)) for k in range(num_frames)]
+  reformat = {}
+  if size is not None:
+    rh, rw = cover_size(info.height, info.width, *size)
+    reformat = {"height": rh, "width": rw}
+  frames = []
+  with _open(src) as container:
+    stream = container.streams.video[0]
+    t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+    if start > 0:
+      # backward=True lands on the keyframe at or before the target; frames before `start` are dropped.
+      container.seek(int((t0 + start / info.fps) / stream.time_base), stream=stream, backward=True)
+    k = 0
+    for frame in container.decode(stream):
+      index = int(round((frame.time - t0) * info.fps)) if frame.time is not None else wanted[k]
+      if index < wanted[k]:
+        continue
+      array = None
+      while k < num_frames and wanted[k] <= index:  # a frame is repeated when step < 1 (fps upsampling)
+        if array is None:
+          array = frame.to_ndarray(format="rgb24", **reformat)
+        frames.append(array)
+        k += 1
+      if k == num_frames:
+        break
+  if len(frames) < num_frames:
+    raise ValueError(f"stream ended after {len(frames)} of {num_frames} frames "
+                     f"(wanted source frames {wanted[0]}..{wanted[-1]} of {info.num_frames})")
+  clip = np.stack(frames)
+  return np.ascontiguousarray(center_crop(clip, *size)) if size is not None else clip
+

@@ -1,0 +1,1 @@
+"""tfds builders for sora_jax data (array_record, readable without TensorFlow)."""
