@@ -8,8 +8,8 @@ own schedule (e.g. its own resolution shift). Padding tokens are never updated.
 
 Conditioning (image-to-video, extension): tokens with `cond_mask == 1` are given clean. They are written
 to `cond_x0` before every model call and after every step, so they are exactly `cond_x0` at the end. The
-model still sees its segment's t for them: a per-segment table cannot say "t = 0 for these tokens", so a
-model trained with per-token conditioning needs that information through another input.
+t table cannot say "t = 0 for these tokens": the velocity function passes the mask to the model itself
+(the DiT's `cond_mask`, which modulates those tokens as t = 0).
 """
 from __future__ import annotations
 
@@ -32,14 +32,27 @@ def cfg(v_cond: Array, v_uncond: Array, scale: Array | float) -> Array:
   return v_uncond + scale * (v_cond - v_uncond)
 
 
-def flow_timesteps(num_steps: int, shift: Array | float = 1.0) -> Array:
-  """Times `[num_steps + 1, B, S]` from 1 to 0: uniform in t, then shifted per segment.
+def cfg_dual(v_full: Array, v_visual: Array, v_none: Array, text_scale: Array | float,
+             visual_scale: Array | float) -> Array:
+  """Guidance with separate text and visual-condition scales (InstructPix2Pix's two-term CFG).
 
-  `shift` is a `[B, S]` table (or a scalar, giving `[num_steps + 1]` shaped as its broadcast).
+  `v_full` sees text and frames, `v_visual` the frames only, `v_none` neither:
+  `v_none + s_vis (v_visual - v_none) + s_text (v_full - v_visual)`; both scales 1 give `v_full`.
+  """
+  return v_none + visual_scale * (v_visual - v_none) + text_scale * (v_full - v_visual)
+
+
+def flow_timesteps(num_steps: int, shift: Array | float = 1.0, strength: Array | float = 1.0) -> Array:
+  """Times `[num_steps + 1, B, S]` from `strength` to 0: uniform in t, then shifted per segment.
+
+  `shift` and `strength` are `[B, S]` tables or scalars (giving the broadcast of their shapes). A
+  strength below 1 starts part-way (SDEdit); strength 0 makes every step the identity.
   """
   shift = jnp.asarray(shift, jnp.float32)
-  t = jnp.linspace(1.0, 0.0, num_steps + 1, dtype=jnp.float32)
-  return flow.shift_t(t.reshape((-1,) + (1,) * shift.ndim), shift[None])
+  strength = jnp.asarray(strength, jnp.float32)
+  shape = jnp.broadcast_shapes(shift.shape, strength.shape)
+  t = jnp.linspace(1.0, 0.0, num_steps + 1, dtype=jnp.float32).reshape((-1,) + (1,) * len(shape))
+  return flow.shift_t(t * strength[None], shift[None])
 
 
 def _conditioner(x_init, cond_x0, cond_mask):

@@ -4,6 +4,10 @@ Tokens of several samples share a row; everything per sample (timestep, pooled t
 per-segment tables [B, S, ...] that are gathered to tokens by segment id. Self-attention stays within a
 segment, cross-attention goes only to the text tokens of the same segment, 3D RoPE is computed from each
 token's (t, h, w) coordinates, and adaLN-Zero modulation is computed per segment (cheap) then gathered.
+
+Frame conditioning (image-to-video, extension): tokens with `cond_mask == 1` are given clean, so they are
+modulated as at t = 0. The per-segment table is then doubled, `[B, 2S, ...]` (rows S.. at t = 0), and a
+conditioned token of segment k reads row S + k - 1: still one gather, and no new parameters.
 """
 from __future__ import annotations
 
@@ -39,10 +43,10 @@ class DiTBlock(nnx.Module):
     # Zero-initialised modulation: every block starts as the identity (adaLN-Zero).
     self.ada = layers.Dense(dim, (6, dim), ("cond", None, "embed"), zero_init=True, rngs=rngs)
 
-  def __call__(self, x, cond, seg, rope, text, text_seg):
-    """x [B,L,D]; cond [B,S,D] per segment; text [B,Lt,Dt]."""
-    mod = self.ada(jax.nn.silu(cond))  # [B, S, 6, D]
-    mod = segments.gather(mod, seg).astype(x.dtype)  # [B, L, 6, D]
+  def __call__(self, x, cond, seg, rope, text, text_seg, cond_ids=None):
+    """x [B,L,D]; cond [B,S',D] per table row; text [B,Lt,Dt]; cond_ids [B,L] rows of cond (default seg)."""
+    mod = self.ada(jax.nn.silu(cond))  # [B, S', 6, D]
+    mod = segments.gather(mod, seg if cond_ids is None else cond_ids).astype(x.dtype)  # [B, L, 6, D]
     shift1, scale1, gate1, shift2, scale2, gate2 = [mod[:, :, i] for i in range(6)]
     h = self.norm1(x) * (1 + scale1) + shift1
     x = x + gate1 * self.attn(h, seg, rope=rope)
@@ -86,17 +90,23 @@ class DiT(nnx.Module):
     c = self.t_mlp2(jax.nn.silu(self.t_mlp1(temb)))
     return c + self.text_pool(text_pooled)
 
-  def __call__(self, tokens, coords, seg, t_table, text, text_seg, text_pooled):
+  def __call__(self, tokens, coords, seg, t_table, text, text_seg, text_pooled, cond_mask=None):
     """tokens [B,L,P], coords [B,L,3], seg [B,L], t_table [B,S], text [B,Lt,Dt], text_seg [B,Lt],
-    text_pooled [B,S,Dt] -> velocity [B,L,P] (zero on padding)."""
+    text_pooled [B,S,Dt], cond_mask [B,L] (optional, 1 = token given clean) -> velocity [B,L,P] (zero on
+    padding)."""
     x = self.patch_in(tokens.astype(self.dtype))
     x = mesh_lib.constrain(x, ("act_batch", "act_len", "act_embed"))
     cond = self.conditioning(t_table, text_pooled)
+    cond_ids = seg  # which conditioning-table row each token reads
+    if cond_mask is not None:
+      # Rows S.. of the doubled table hold each segment's conditioning at t = 0.
+      cond = jnp.concatenate([cond, self.conditioning(jnp.zeros_like(t_table), text_pooled)], axis=1)
+      cond_ids = seg + jnp.where((seg > 0) & (cond_mask > 0), t_table.shape[1], 0).astype(seg.dtype)
     rope = rope_lib.rope_3d(coords, self.width // self.num_heads)
     text = text.astype(self.dtype)
 
     def apply_block(block, x):
-      return block(x, cond, seg, rope, text, text_seg)
+      return block(x, cond, seg, rope, text, text_seg, cond_ids)
 
     policy = REMAT_POLICIES[self.remat]
     if self.scan_layers:
@@ -113,7 +123,7 @@ class DiT(nnx.Module):
         fn = apply_block if self.remat == "none" else nnx.remat(apply_block, policy=policy)
         x = fn(block, x)
     shift, scale = [m[:, :, 0] for m in jnp.split(
-        segments.gather(self.final_ada(jax.nn.silu(cond)), seg), 2, axis=2)]
+        segments.gather(self.final_ada(jax.nn.silu(cond)), cond_ids), 2, axis=2)]
     x = self.final_norm(x) * (1 + scale) + shift
     out = self.patch_out(x).astype(jnp.float32)
     return jnp.where((seg > 0)[..., None], out, 0.0)
@@ -123,4 +133,4 @@ def from_config(config, *, patch_dim: int, text_dim: int, backend: str, rngs: nn
   d = config.dit
   return DiT(patch_dim=patch_dim, width=d.width, depth=d.depth, num_heads=d.num_heads,
              mlp_ratio=d.mlp_ratio, text_dim=text_dim, qk_norm=d.qk_norm, backend=backend,
-             scan_layers=d.scan_layers, remat=d.remat, rngs=rngs)
+             scan_layers=d.scan_layers, remat=d.remat, dtype=jnp.dtype(d.get("dtype", "float32")), rngs=rngs)

@@ -21,8 +21,11 @@ class TextToVideo(nnx.Module):
     states = self.text(text, text_segment_ids, text_positions)
     return states, segments.mean(states, text_segment_ids, num_segments)
 
-  def __call__(self, x, coords, segment_ids, t_table, text_states, text_segment_ids, text_pooled):
-    return self.dit(x, coords, segment_ids, t_table, text_states, text_segment_ids, text_pooled)
+  def __call__(self, x, coords, segment_ids, t_table, text_states, text_segment_ids, text_pooled,
+               cond_mask=None):
+    """Velocity [B, L, P]; `cond_mask` [B, L] marks tokens given clean (modulated as t = 0)."""
+    return self.dit(x, coords, segment_ids, t_table, text_states, text_segment_ids, text_pooled,
+                    cond_mask=cond_mask)
 
 
 def patch_dim(config) -> int:

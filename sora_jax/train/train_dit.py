@@ -20,9 +20,11 @@ from sora_jax.data import latent_cache
 from sora_jax.data import packing
 from sora_jax.data import pipeline
 from sora_jax.diffusion import flow
+from sora_jax.diffusion import masks
 from sora_jax.models import t2v
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.train import checkpoint as ckpt_lib
+from sora_jax.train import flops as flops_lib
 from sora_jax.train import logging as log_lib
 from sora_jax.train import optim
 from sora_jax.train import state as state_lib
@@ -36,9 +38,11 @@ def latent_dir(workdir: str) -> str:
   return os.path.join(workdir, "latents")
 
 
-def create(config, mesh):
+def create(config, mesh, *, abstract: bool = False):
+  """(Created, tx) of the denoiser; `abstract` gives shapes + shardings only (AOT compiles, golden specs)."""
   tx = optim.make_optimizer(config.train_dit)
-  created = state_lib.create(
+  build = state_lib.abstract if abstract else state_lib.create
+  created = build(
       lambda r: t2v.TextToVideo(config, patch_dim=t2v.patch_dim(config), rngs=r), tx, seed=config.seed + 1,
       mesh=mesh, rules=mesh_lib.DIT_RULES, ema=config.train_dit.ema_decay > 0)
   return created, tx
@@ -64,8 +68,15 @@ def segment_shift(config, grid_table):
   return flow.resolution_shift(jnp.prod(grid_table, axis=-1), f.shift_base_tokens, f.max_shift)
 
 
+def cond_probs(config):
+  """Mask-strategy probabilities from `config.cond.mask_ratios`, or None when nothing is ever conditioned."""
+  cond = config.get("cond") or {}
+  probs = masks.strategy_probs(cond.get("mask_ratios"))
+  return None if probs[0] == 1.0 else probs
+
+
 def denoiser_loss(model, batch, rng, config):
-  """Flow-matching loss of one packed batch; returns (loss, metrics)."""
+  """Flow-matching loss of one packed batch (frame-conditioned tokens given clean and not counted)."""
   S = config.train_dit.max_segments
   seg = batch["tokens_segment_ids"]
   x0 = batch["tokens"]
@@ -75,9 +86,17 @@ def denoiser_loss(model, batch, rng, config):
   t_table = flow.shift_t(t_table, segment_shift(config, batch["grid"]))
   noise = jax.random.normal(rng_n, x0.shape, x0.dtype)
   x_t = flow.interpolate(x0, noise, flow.tokens_from_table(t_table, seg))
+  probs = cond_probs(config)
+  cond_mask, weight = None, None
+  if probs is not None:
+    # fold_in keeps t and noise identical to an unconditioned run with the same rng.
+    cond_mask = masks.sample_token_mask(jax.random.fold_in(rng, 1), batch["coords"][..., 0], seg,
+                                        batch["grid"][..., 0], probs)
+    x_t = jnp.where(cond_mask[..., None], x0, x_t)
+    weight = 1.0 - cond_mask.astype(jnp.float32)
   text, pooled = model.encode_text(batch["text"], batch["text_segment_ids"], batch["text_positions"], S)
-  v = model(x_t, batch["coords"], seg, t_table, text, batch["text_segment_ids"], pooled)
-  loss, _ = flow.flow_loss(v, flow.velocity_target(x0, noise), seg, max_segments=S)
+  v = model(x_t, batch["coords"], seg, t_table, text, batch["text_segment_ids"], pooled, cond_mask=cond_mask)
+  loss, _ = flow.flow_loss(v, flow.velocity_target(x0, noise), seg, token_weight=weight, max_segments=S)
   return loss
 
 
@@ -89,13 +108,8 @@ def latent_source(workdir: str) -> grain.MapDataset:
 
 
 def flops_per_token(config) -> float:
-  """Analytic training FLOPs per video token (forward + backward = 3x forward, matmuls only)."""
-  d = config.dit
-  D, L = d.width, config.train_dit.seq_len
-  Lt = config.train_dit.text_seq_len
-  per_layer = 2 * (4 * D * D + 2 * D * D + 2 * int(d.mlp_ratio * D) * D)  # self qkvo, cross q o, mlp
-  per_layer += 2 * 2 * D * L + 2 * 2 * D * Lt  # attention scores and values (self, cross)
-  return 3.0 * d.depth * per_layer
+  """Analytic training FLOPs per video token of a full row (see sora_jax/train/flops.py)."""
+  return flops_lib.flops_per_token(config)
 
 
 def make_train_step(config, graphdef, tx, shardings):

@@ -189,3 +189,18 @@ def test_ddpm_zero_terminal_snr_v_prediction_and_conditioning():
   np.testing.assert_array_equal(out[0, 6:], Z[0, 6:])  # padding untouched
   with pytest.raises(ValueError):
     samplers.sample_ddpm(lambda x, ts: x, Z, samplers.ddim_timesteps(4), ac, SEG)  # no max_segments
+
+
+def test_strength_starts_part_way_and_zero_is_the_identity():
+  shift = jnp.array([[1.0, 3.0]])
+  full = samplers.flow_timesteps(4, shift)
+  np.testing.assert_array_equal(samplers.flow_timesteps(4, shift, jnp.ones((1, 2))), full)
+  half = samplers.flow_timesteps(4, shift, jnp.array([[0.5, 0.0]]))
+  np.testing.assert_allclose(half[0, 0, 0], 0.5, rtol=1e-6)
+  assert np.all(np.asarray(half[:, 0, 1]) == 0)
+  x0 = Z
+  seg = jnp.ones(Z.shape[:2], jnp.int32)
+  ts = samplers.flow_timesteps(3, 2.0, jnp.zeros((2, 1)))
+  for solver in samplers.FLOW_SOLVERS:
+    out = samplers.sample_flow(gaussian_velocity(seg), x0, ts, seg, solver=solver)
+    np.testing.assert_array_equal(out, x0)
