@@ -24,6 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 BACKENDS = ("xla", "blockwise", "cudnn", "splash", "auto")
 
@@ -231,14 +232,12 @@ def _splash_attention(q, k, v, q_segment_ids, kv_segment_ids, block_q, block_kv,
 
   The kernel is single-example ([H, L, D]) and unscaled, so q is pre-scaled and
   the batch is vmapped. Lengths are padded to block multiples (segment 0).
-  Plain call, no shard_map: under a multi-device mesh wrap the caller's block
-  (or this function) in `jax.shard_map` with batch/heads sharded and sequence
-  replicated, since a Pallas kernel has no automatic partitioning rule.
+  Plain call on one device's shard; `_splash_sharded` wraps it in shard_map.
   """
-  if jax.default_backend() != "tpu" and not interpret:
+  if _target_platform() != "tpu" and not interpret:
     raise ValueError(
-        f"attention backend 'splash' needs a TPU, but jax.default_backend() is "
-        f"{jax.default_backend()!r}; use backend='xla', 'blockwise' or 'auto'.")
+        f"attention backend 'splash' needs a TPU, but the target platform is "
+        f"{_target_platform()!r}; use backend='xla', 'blockwise' or 'auto'.")
   # Imported here: the Pallas TPU ops are only needed (and tested) on TPU.
   from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
 
@@ -277,11 +276,43 @@ def _splash_attention(q, k, v, q_segment_ids, kv_segment_ids, block_q, block_kv,
   return jnp.where(valid[:, :, None, None], out, 0).astype(q.dtype)
 
 
+def _target_platform() -> str:
+  """Platform of the mesh in context (a TPU topology when compiling ahead of time on a CPU host)."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
+
+
+def _splash_sharded(q, k, v, q_segment_ids, kv_segment_ids, block_q, block_kv):
+  """Splash under the mesh in context: a Pallas kernel has no partitioning rule, so shard_map it.
+
+  Batch goes over ('data', 'fsdp'), heads over 'tensor', queries over 'context'; keys and values are
+  gathered along the sequence (all-gather context parallelism), so any segment layout stays exact.
+  An axis that does not divide its dimension is left replicated.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return _splash_attention(q, k, v, q_segment_ids, kv_segment_ids, block_q, block_kv)
+  size = dict(zip(mesh.axis_names, mesh.axis_sizes))
+
+  def axis(names, dim):
+    names = tuple(n for n in names if n in size)
+    return names if names and dim % math.prod(size[n] for n in names) == 0 else None
+
+  batch = axis(("data", "fsdp"), q.shape[0])
+  heads = axis(("tensor",), q.shape[2])
+  qlen = axis(("context",), q.shape[1])
+  qspec, kvspec = P(batch, qlen, heads, None), P(batch, None, heads, None)
+  fn = functools.partial(_splash_attention, block_q=block_q, block_kv=block_kv)
+  return jax.shard_map(
+      fn, mesh=mesh, in_specs=(qspec, kvspec, kvspec, P(batch, qlen), P(batch, None)), out_specs=qspec,
+      check_vma=False)(q, k, v, q_segment_ids, kv_segment_ids)
+
+
 def resolve_backend(backend: str, q_len: int, kv_len: int) -> str:
-  """Maps "auto" to a concrete backend for the current platform."""
+  """Maps "auto" to a concrete backend for the target platform."""
   if backend != "auto":
     return backend
-  platform = jax.default_backend()
+  platform = _target_platform()
   if platform == "tpu":
     return "splash"
   if platform == "gpu":
@@ -325,5 +356,5 @@ def attention(q, k, v, q_segment_ids, kv_segment_ids, *, backend: str = "xla",
   if backend == "cudnn":
     return _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids)
   if backend == "splash":
-    return _splash_attention(q, k, v, q_segment_ids, kv_segment_ids, block_q, block_kv)
+    return _splash_sharded(q, k, v, q_segment_ids, kv_segment_ids, block_q, block_kv)
   raise ValueError(f"Unknown attention backend {backend!r}; expected one of {BACKENDS}.")

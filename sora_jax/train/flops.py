@@ -1,0 +1,60 @@
+"""Analytic training FLOPs of the denoiser (text encoder + DiT), the numerator of MFU.
+
+Counts matmul FLOPs (2 per multiply-accumulate) of one forward pass and takes training as 3x forward
+(backward = 2x forward); recomputation under remat is not counted, as MFU conventions require.
+Element-wise work (norms, RoPE, softmax, modulation) is left out: it is under 1% at these widths.
+"""
+from __future__ import annotations
+
+from sora_jax.models import t2v
+
+
+def _layer_forward(width: int, mlp: int, tokens: float, attn_len: float, ctx_dim: int = 0,
+                   ctx_tokens: float = 0.0, ctx_len: float = 0.0) -> float:
+  """One pre-norm block over `tokens` tokens; self-attention spans `attn_len` keys per query.
+
+  With `ctx_dim`, a cross-attention to `ctx_tokens` context tokens of width `ctx_dim`, of which each query
+  sees `ctx_len`.
+  """
+  d = width
+  f = 2 * tokens * (4 * d * d + 2 * d * mlp)      # self q k v o, MLP
+  f += 2 * 2 * tokens * attn_len * d             # scores and weighted values
+  if ctx_dim:
+    f += 2 * tokens * 2 * d * d                   # cross q, o
+    f += 2 * ctx_tokens * 2 * ctx_dim * d         # cross k, v from the context
+    f += 2 * 2 * tokens * ctx_len * d
+  return f
+
+
+def train_flops_per_row(config, *, video_attn_len: float | None = None, text_attn_len: float | None = None,
+                        video_tokens: float | None = None) -> float:
+  """Training FLOPs of one packed row (forward + backward).
+
+  By default a row is one segment filling `seq_len` video tokens and `text_seq_len` text tokens, so every
+  token attends to the whole row; pass the mean per-token attention spans of a packed batch to count only
+  what the segment masks keep (packing many short clips into a row makes attention cheaper).
+  """
+  d, t = config.dit, config.text
+  L = config.train_dit.seq_len if video_tokens is None else video_tokens
+  Lt = config.train_dit.text_seq_len
+  video_attn_len = L if video_attn_len is None else video_attn_len
+  text_attn_len = Lt if text_attn_len is None else text_attn_len
+  mlp = int(d.mlp_ratio * d.width)
+  fwd = d.depth * _layer_forward(d.width, mlp, L, video_attn_len, t.width, Lt, text_attn_len)
+  fwd += 2 * L * 2 * t2v.patch_dim(config) * d.width           # patch in and out
+  fwd += t.depth * _layer_forward(t.width, 4 * t.width, Lt, text_attn_len)
+  return 3.0 * fwd
+
+
+def train_flops_per_step(config) -> float:
+  """Training FLOPs of one global batch of full rows."""
+  return config.train_dit.batch_size * train_flops_per_row(config)
+
+
+def flops_per_token(config) -> float:
+  """Training FLOPs per video token of a full row (the per-step log's tokens times this is the step)."""
+  return train_flops_per_row(config) / config.train_dit.seq_len
+
+
+# Dense bf16 peak per chip (public figures), FLOP/s.
+PEAK_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12, "h100": 989e12}

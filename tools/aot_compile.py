@@ -1,0 +1,198 @@
+r"""Compiles the real DiT train step for a TPU topology on a CPU host: memory per chip, FLOPs, step time.
+
+  python tools/aot_compile.py --config=configs/tiny_t2v.py --topology=v5p-64 [--config.a.b=value ...]
+  python tools/aot_compile.py --config=configs/dit_wan1p3b.py --topology=v5p:2x2x1
+
+Nothing is allocated: the train state comes from `train_dit.create(..., abstract=True)` and the packed batch
+is ShapeDtypeStructs sharded like `mesh.global_batch`; libtpu's compiler sees the topology through
+`jax.experimental.topologies`. Prints per-chip memory (arguments, outputs, temporaries, total vs HBM), the
+analytic FLOPs, and the compiler's cost estimate. A `lax.scan` body is costed once by the compiler, so with
+`--cost=extrapolate` (default) FLOPs and time come from two extra compiles with 1 and 2 unrolled layers:
+cost(depth) = c1 + (depth - 1) * (c2 - c1). A Pallas kernel (splash attention) has no cost estimate and counts
+as zero; `attention_costed` in the output says whether attention is in the time.
+
+Exit status 1 with one line on stderr when the step does not fit. The last line is one JSON object.
+"""
+import json
+import math
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The compiler only: no TPU is attached, so the lock that guards a real chip is not needed; CPU is the host.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (python, get_config(arg)).",
+                                          lock_config=False)
+_TOPOLOGY = flags.DEFINE_string("topology", "v5p-8", "v5p-64 (cores, as Cloud TPU names it), v5e-16, v6e-8 "
+                                "(chips) or an explicit libtpu name like v5p:2x2x1.")
+_COST = flags.DEFINE_enum("cost", "extrapolate", ["extrapolate", "direct", "none"],
+                          "extrapolate: FLOPs/time from 1- and 2-layer unrolled compiles; direct: the compile "
+                          "as configured (a scanned body counts once); none: memory only.")
+_HBM_GIB = flags.DEFINE_float("hbm_gib", None, "Override the chip's HBM in GiB.")
+flags.mark_flags_as_required(["config"])
+
+GIB = 2**30
+# Per chip: TensorCores (Cloud TPU names v4/v5p slices by cores), HBM bytes.
+CHIPS = {"v4": (2, 32 * GIB), "v5p": (2, 95 * GIB), "v5e": (1, 16 * GIB), "v6e": (1, 32 * GIB)}
+
+
+def topology_name(name: str) -> tuple[str, str]:
+  """'v5p-64' -> ('v5p', 'v5p:2x4x4'); 'v5p:2x2x1' passes through. Shapes follow Cloud TPU slices."""
+  if ":" in name:
+    return name.split(":")[0], name
+  m = re.fullmatch(r"(v4|v5p|v5e|v6e)-(\d+)", name)
+  if not m:
+    raise ValueError(f"--topology={name!r}: expected e.g. v5p-64, v6e-8 or v5p:2x2x1")
+  kind, n = m.group(1), int(m.group(2))
+  chips = n // CHIPS[kind][0]
+  if chips < 1 or chips & (chips - 1):
+    raise ValueError(f"--topology={name!r}: {chips} chips is not a power of two")
+  if kind in ("v4", "v5p"):  # 3D torus, grown from 2x2x1 by doubling the smallest dimension
+    dims = [2, 2, 1] if chips >= 4 else [chips, 1, 1]
+    while math.prod(dims) < chips:
+      dims[dims.index(min(dims))] *= 2
+    dims = sorted(dims[:2]) + [dims[2]] if dims[2] == 1 else sorted(dims)
+  else:  # 2D
+    a = 2 ** (int(math.log2(chips)) // 2)
+    dims = [a, chips // a]
+  return kind, f"{kind}:{'x'.join(map(str, dims))}"
+
+
+def abstract_batch(config, mesh):
+  """The packed batch (docs/ARCHITECTURE.md) as sharded ShapeDtypeStructs; the keys the step reads."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from sora_jax.models import t2v  # pylint: disable=g-import-not-at-top
+  from sora_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  c = config.train_dit
+  B, L, Lt, S = c.batch_size, c.seq_len, c.text_seq_len, c.max_segments
+  shapes = {
+      "tokens": ((B, L, t2v.patch_dim(config)), jnp.float32),
+      "tokens_segment_ids": ((B, L), jnp.int32),
+      "coords": ((B, L, 3), jnp.int32),
+      "text": ((B, Lt), jnp.int32),
+      "text_segment_ids": ((B, Lt), jnp.int32),
+      "text_positions": ((B, Lt), jnp.int32),
+      "grid": ((B, S, 3), jnp.int32),
+      "grid_segment_ids": ((B, S), jnp.int32),
+  }
+  return {k: jax.ShapeDtypeStruct(s, d, sharding=mesh_lib.batch_sharding(mesh, len(s)))
+          for k, (s, d) in shapes.items()}
+
+
+def compile_step(config, devices):
+  """Lowers and compiles `train_dit.make_train_step` for `devices`; returns the compiled executable."""
+  from sora_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from sora_jax.train import train_dit  # pylint: disable=g-import-not-at-top
+  mesh = mesh_lib.make_mesh(config.mesh, devices=devices)
+  created, tx = train_dit.create(config, mesh, abstract=True)
+  with mesh_lib.use(mesh, mesh_lib.DIT_RULES):
+    step = train_dit.make_train_step(config, created.graphdef, tx, created.shardings)
+    return step.lower(created.state, abstract_batch(config, mesh)).compile(), created
+
+
+def cost(compiled) -> dict:
+  c = compiled.cost_analysis()
+  c = c[0] if isinstance(c, (list, tuple)) else c
+  return {"flops": float(c.get("flops", 0.0)), "seconds": float(c.get("optimal_seconds", float("nan"))),
+          "bytes_accessed": float(c.get("bytes accessed", 0.0))}
+
+
+def memory(compiled) -> dict:
+  m = compiled.memory_analysis()
+  out = {"argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes,
+         "alias_bytes": m.alias_size_in_bytes, "temp_bytes": m.temp_size_in_bytes,
+         "code_bytes": m.generated_code_size_in_bytes}
+  # Donated outputs reuse their argument buffers (alias), so they are counted once.
+  out["per_chip_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
+                           + out["temp_bytes"] + out["code_bytes"])
+  return out
+
+
+def extrapolated_cost(config, devices) -> dict:
+  """Cost of the configured depth from unrolled 1- and 2-layer compiles (scan bodies count once)."""
+  costs = []
+  for depth in (1, 2):
+    c = config.copy_and_resolve_references()
+    c.dit.depth, c.dit.scan_layers = depth, False
+    costs.append(cost(compile_step(c, devices)[0]))
+  depth = config.dit.depth
+  return {k: costs[0][k] + (depth - 1) * (costs[1][k] - costs[0][k]) for k in costs[0]}
+
+
+def _bytes_from_oom(message: str) -> int | None:
+  m = re.search(r"Used ([\d.]+)([KMGT])? of", message)
+  if not m:
+    return None
+  return int(float(m.group(1)) * {None: 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2)])
+
+
+def main(argv):
+  del argv
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  from sora_jax import configs_lib  # pylint: disable=g-import-not-at-top
+  from sora_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from sora_jax.train import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  from sora_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+
+  config = _CONFIG.value
+  configs_lib.validate(config)
+  kind, name = topology_name(_TOPOLOGY.value)
+  hbm = int(_HBM_GIB.value * GIB) if _HBM_GIB.value else CHIPS[kind][1]
+  devices = topologies.get_topology_desc(platform="tpu", topology_name=name).devices
+  sizes = mesh_lib.mesh_shape(config.mesh, len(devices))
+  report = {"topology": name, "chips": len(devices), "device_kind": devices[0].device_kind,
+            "mesh": dict(zip(mesh_lib.AXES, sizes)), "attention": config.attention, "hbm_bytes": hbm}
+  try:
+    compiled, created = compile_step(config, devices)
+  except Exception as e:  # pylint: disable=broad-except
+    if "RESOURCE_EXHAUSTED" not in str(e) and "Ran out of memory" not in str(e):
+      raise
+    used = _bytes_from_oom(str(e))
+    report.update(fits=False, per_chip_bytes=used, error=str(e).splitlines()[0][:300])
+    print(f"aot_compile: does not fit on {name}: the compiler ran out of HBM "
+          f"({(used or 0) / GIB:.1f} GiB of {hbm / GIB:.1f} GiB per chip)", file=sys.stderr)
+    print(json.dumps(report))
+    sys.exit(1)
+
+  mem = memory(compiled)
+  report.update(mem)
+  report["params"] = state_lib.num_params(created.state.params)
+  report["fits"] = mem["per_chip_bytes"] <= hbm
+  analytic = flops_lib.train_flops_per_step(config)
+  report["analytic_flops_per_step"] = analytic
+  report["analytic_flops_per_chip"] = analytic / len(devices)
+  if _COST.value != "none":
+    c = extrapolated_cost(config, devices) if _COST.value == "extrapolate" else cost(compiled)
+    # Only the XLA attention is fully costed: splash is a Pallas kernel, blockwise loops are scan bodies.
+    report.update(compiler_flops_per_chip=c["flops"], compiler_bytes_accessed=c["bytes_accessed"],
+                  estimated_step_s=c["seconds"], attention_costed=config.attention == "xla",
+                  layers_costed=_COST.value == "extrapolate" or not config.dit.scan_layers)
+    peak = flops_lib.PEAK_FLOPS.get(kind)
+    if peak and c["seconds"] > 0:
+      report["estimated_mfu"] = analytic / len(devices) / (c["seconds"] * peak)
+
+  for k in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "per_chip_bytes"):
+    print(f"{k:>24s}: {mem[k] / GIB:9.3f} GiB")
+  print(f"{'hbm_bytes':>24s}: {hbm / GIB:9.3f} GiB ({report['device_kind']}, {len(devices)} chips)")
+  for k in ("params", "analytic_flops_per_chip", "compiler_flops_per_chip", "estimated_step_s", "estimated_mfu"):
+    if k in report:
+      print(f"{k:>24s}: {report[k]:.4g}")
+  if not report["fits"]:
+    print(f"aot_compile: does not fit on {name}: {mem['per_chip_bytes'] / GIB:.1f} GiB per chip > "
+          f"{hbm / GIB:.1f} GiB HBM", file=sys.stderr)
+  print(json.dumps(report))
+  if not report["fits"]:
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)
