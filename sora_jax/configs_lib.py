@@ -112,8 +112,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if dit.width % dit.num_heads:
     _fail("dit.num_heads", dit.num_heads, f"must divide dit.width={dit.width}")
   head_dim = dit.width // dit.num_heads
-  if head_dim % 6:
-    _fail("dit.width", dit.width, f"head dim {head_dim} must divide by 6 for 3D RoPE (t, h, w pairs)")
+  if head_dim % 2 or head_dim < 6:
+    _fail("dit.width", dit.width, f"head dim {head_dim} must be even and >= 6 for 3D RoPE (t, h, w pairs)")
   if config.text.max_len < 2:
     _fail("text.max_len", config.text.max_len, "must be at least 2 (BOS + one token)")
   if config.text.get("tokenizer", "bytes") not in ("bytes", "words"):

@@ -24,6 +24,9 @@ _MODE = flags.DEFINE_string("mode", None, "train_vae | encode | train_dit | samp
                             "(default: config.mode).")
 _PROMPTS = flags.DEFINE_string("prompts", None, "JSONL prompts file for --mode=sample "
                                "(default: config.sample.prompts_file, else the held-out prompts).")
+_DISTRIBUTED = flags.DEFINE_string(
+    "distributed", "off", "Multi-host setup: off | auto (TPU pod / SLURM / JAX_COORDINATOR_ADDRESS) | "
+    "coordinator=HOST:PORT,num_processes=N,process_id=I")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -120,6 +123,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  from sora_jax.parallel import distributed
+  distributed.initialize(_DISTRIBUTED.value)  # before anything asks JAX for devices
   config = _CONFIG.value
   mode = _MODE.value or config.mode
   from sora_jax import configs_lib

@@ -14,12 +14,18 @@ def _freqs(num_pairs: int, theta: float) -> jax.Array:
 
 
 def rope_3d(coords: jax.Array, head_dim: int, theta: float = 10000.0):
-  """coords [B, L, 3] -> (cos, sin) [B, L, head_dim // 2]; the pairs are split evenly over t, h, w."""
-  if head_dim % 6:
-    raise ValueError(f"3D RoPE needs head_dim divisible by 6, got {head_dim}")
-  n = head_dim // 6
-  f = _freqs(n, theta)
-  angles = jnp.concatenate([coords[..., i:i + 1].astype(jnp.float32) * f for i in range(3)], axis=-1)
+  """coords [B, L, 3] -> (cos, sin) [B, L, head_dim // 2].
+
+  The head_dim / 2 rotation pairs are split over (t, h, w) as evenly as possible, the remainder going to
+  time (e.g. 64 pairs -> 22, 21, 21), so any even head dim works (Wan-style 128 included).
+  """
+  if head_dim % 2:
+    raise ValueError(f"3D RoPE needs an even head_dim, got {head_dim}")
+  half = head_dim // 2
+  n_hw = half // 3
+  counts = (half - 2 * n_hw, n_hw, n_hw)
+  angles = jnp.concatenate([coords[..., i:i + 1].astype(jnp.float32) * _freqs(n, theta)
+                            for i, n in enumerate(counts) if n], axis=-1)
   return jnp.cos(angles), jnp.sin(angles)
 
 
