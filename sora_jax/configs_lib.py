@@ -116,8 +116,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("dit.width", dit.width, f"head dim {head_dim} must be even and >= 6 for 3D RoPE (t, h, w pairs)")
   if config.text.max_len < 2:
     _fail("text.max_len", config.text.max_len, "must be at least 2 (BOS + one token)")
-  if config.text.get("tokenizer", "bytes") not in ("bytes", "words"):
-    _fail("text.tokenizer", config.text.tokenizer, "choose 'bytes' or 'words'")
+  from sora_jax.models import text as text_lib  # noqa: PLC0415 (keeps config parsing import-light)
+  if config.text.get("encoder", "trainable") not in ("trainable",) + text_lib.PRETRAINED_TOKENIZERS:
+    _fail("text.encoder", config.text.encoder,
+          f"choose one of {('trainable',) + text_lib.PRETRAINED_TOKENIZERS}")
+  if config.text.get("tokenizer", "bytes") not in text_lib.TOKENIZERS:
+    _fail("text.tokenizer", config.text.tokenizer, f"choose one of {text_lib.TOKENIZERS}")
   if config.train_dit.text_seq_len < config.text.max_len:
     _fail("train_dit.text_seq_len", config.train_dit.text_seq_len,
           f"must hold at least one caption of text.max_len={config.text.max_len} tokens")

@@ -262,7 +262,8 @@ def prompt_latents(config, prompts: list[dict], encode, vae: tuple, mesh) -> lis
 
 def tokenize(caption: str, config) -> np.ndarray:
   """A caption's token ids with the config's text tokenizer."""
-  return text_lib.tokenize(caption, config.text.max_len, config.text.get("tokenizer", "bytes"))
+  return text_lib.tokenize(caption, config.text.max_len, config.text.get("tokenizer", "bytes"),
+                           config.text.get("path") or None)
 
 
 def _text_rows(rows: dict, captions: dict[int, str], config) -> dict:
@@ -294,8 +295,10 @@ def guided_velocity(model, rows, neg, *, num_segments: int, guidance: float, gui
   texts = [rows] + [neg] * (k - 1)
   cat = lambda xs: jnp.concatenate(xs) if len(xs) > 1 else xs[0]  # noqa: E731
   text_seg = cat([r["text_segment_ids"] for r in texts])
+  # Guidance branches see unknown labels: the null class of a class-conditional model.
+  labels = cat([rows["labels"]] + [jnp.full_like(rows["labels"], -1)] * (k - 1))
   text, pooled = model.encode_text(cat([r["text"] for r in texts]), text_seg,
-                                   cat([r["text_positions"] for r in texts]), num_segments)
+                                   cat([r["text_positions"] for r in texts]), num_segments, labels=labels)
   seg, coords = cat([rows["tokens_segment_ids"]] * k), cat([rows["coords"]] * k)
   masks = None
   if cond_mask is not None:

@@ -77,6 +77,7 @@ class LatentToFeatures(grain.transforms.RandomMap):
   max_text_len: int
   caption_dropout: float
   tokenizer: str = "bytes"
+  tokenizer_path: str | None = None
 
   def random_map(self, example: dict, rng: np.random.Generator) -> dict:
     caption = example["caption"]
@@ -85,7 +86,8 @@ class LatentToFeatures(grain.transforms.RandomMap):
     if self.caption_dropout > 0 and rng.random() < self.caption_dropout:
       caption = ""
     tokens, coords, grid = packing.patchify(np.asarray(example["latent"], np.float32), self.patch_size)
-    return packing.sample_features(tokens, coords, grid, text_lib.tokenize(caption, self.max_text_len, self.tokenizer),
+    return packing.sample_features(tokens, coords, grid, text_lib.tokenize(caption, self.max_text_len, self.tokenizer,
+                                                                       self.tokenizer_path),
                                    example["labels"], _int_id(example.get("source_id", 0)))
 
 
@@ -101,7 +103,8 @@ def dit_dataset(config, source: grain.MapDataset, *, seed: int, batch_size: int)
   t = config.train_dit
   ds = _per_host(source).shuffle(seed=seed).repeat()
   ds = ds.random_map(LatentToFeatures(tuple(config.dit.patch_size), config.text.max_len, t.caption_dropout,
-                                      config.text.get("tokenizer", "bytes")),
+                                      config.text.get("tokenizer", "bytes"),
+                                      config.text.get("path") or None),
                      seed=seed + 1)
   it = prefetch(ds.to_iter_dataset(), config.data.num_workers)
   it = packing.pack(it, seq_len=t.seq_len, text_seq_len=t.text_seq_len, max_segments=t.max_segments,

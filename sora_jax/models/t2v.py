@@ -1,6 +1,12 @@
-"""The text-to-video denoiser: text encoder + DiT, trained together and averaged together (EMA)."""
+"""The denoiser: text encoder (or class labels) + DiT, trained together and averaged together (EMA).
+
+With `config.text.encoder == 'class'` there is no text encoder: each segment's class is column
+`config.text.class_column` of the packed `labels` table, and an unknown label (-1, as label dropout and the
+unconditional branch of guidance write it) is the null class.
+"""
 from __future__ import annotations
 
+import jax.numpy as jnp
 from flax import nnx
 
 from sora_jax.models import dit as dit_lib
@@ -8,17 +14,35 @@ from sora_jax import segments
 from sora_jax.models import text as text_lib
 
 
+def is_class_conditional(config) -> bool:
+  return config.text.encoder == "class"
+
+
 class TextToVideo(nnx.Module):
 
   def __init__(self, config, *, patch_dim: int, rngs: nnx.Rngs):
     backend = config.attention
-    self.text = text_lib.from_config(config.text, backend=backend, rngs=rngs)
-    self.dit = dit_lib.from_config(config, patch_dim=patch_dim, text_dim=config.text.width, backend=backend,
-                                   rngs=rngs)
+    if is_class_conditional(config):
+      self.text, text_dim = None, 0
+      self.num_classes, self.class_column = config.text.num_classes, config.text.class_column
+    else:
+      self.text, text_dim = text_lib.from_config(config.text, backend=backend, rngs=rngs), config.text.width
+      self.num_classes, self.class_column = 0, None
+    self.dit = dit_lib.from_config(config, patch_dim=patch_dim, text_dim=text_dim, backend=backend, rngs=rngs)
 
-  def encode_text(self, text, text_segment_ids, text_positions, num_segments: int):
-    """Packed caption tokens [B, Lt] -> (per-token states [B, Lt, Dt], pooled per segment [B, S, Dt])."""
+  def encode_text(self, text, text_segment_ids, text_positions, num_segments: int, labels=None):
+    """Packed caption tokens [B, Lt] -> (per-token states [B, Lt, Dt], pooled per segment [B, S, Dt]).
+
+    Class-conditional: (None, class ids [B, S]) from `labels` [B, S, A] (-1 -> the null class).
+    """
+    if self.text is None:
+      if labels is None:
+        raise ValueError("a class-conditional model needs the packed `labels` table")
+      ids = labels[..., self.class_column]
+      return None, jnp.where((ids >= 0) & (ids < self.num_classes), ids, self.num_classes)
     states = self.text(text, text_segment_ids, text_positions)
+    if hasattr(self.text, "pool"):  # pretrained encoders pool as they were trained (e.g. normalised mean)
+      return states, self.text.pool(states, text_segment_ids, num_segments)
     return states, segments.mean(states, text_segment_ids, num_segments)
 
   def __call__(self, x, coords, segment_ids, t_table, text_states, text_segment_ids, text_pooled,

@@ -5,6 +5,9 @@ embedded captions) or their words hashed into a fixed vocabulary (`words`: ~11 t
 cross-attention; collisions are possible but rare at 8192 buckets). An empty caption (the unconditional
 prompt for classifier-free guidance) is the BOS token alone, so every segment has at least one text token.
 The encoder runs on packed text rows: tokens of different captions never attend to each other.
+
+`config.text.encoder` 'minilm' or 't5' picks a pretrained encoder instead (`text_pretrained.py`), with its own
+tokenizer ('minilm' / 't5'); there the empty caption is the tokenizer's special tokens ([CLS] [SEP], </s>).
 """
 from __future__ import annotations
 
@@ -18,14 +21,24 @@ from flax import nnx
 
 from sora_jax.models import layers
 from sora_jax.models import rope as rope_lib
+from sora_jax.models import text_pretrained
 
 PAD, BOS = 0, 1
 VOCAB_SIZES = {"bytes": 258, "words": 8192}  # PAD, BOS, then bytes / word buckets
+# Tokenizers of the pretrained encoders: tokenizer.json in the model folder (config.text.path).
+PRETRAINED_TOKENIZERS = text_pretrained.KINDS
+TOKENIZERS = tuple(VOCAB_SIZES) + PRETRAINED_TOKENIZERS
 _WORD = re.compile(r"[a-z0-9]+")
 
 
-def tokenize(caption: str, max_len: int, tokenizer: str = "bytes") -> np.ndarray:
-  """Caption -> int32 [n], n <= max_len: BOS then the (truncated) bytes or hashed words, shifted by 2."""
+def tokenize(caption: str, max_len: int, tokenizer: str = "bytes", path: str | None = None) -> np.ndarray:
+  """Caption -> int32 [n], 1 <= n <= max_len.
+
+  bytes / words: BOS then the (truncated) bytes or hashed words, shifted by 2. minilm / t5: the pretrained
+  tokenizer.json of `path` (config.text.path; the packaged MiniLM when None), special tokens included.
+  """
+  if tokenizer in PRETRAINED_TOKENIZERS:
+    return text_pretrained.tokenize(caption, max_len, text_pretrained.model_dir(tokenizer, path))
   if tokenizer == "bytes":
     ids = np.frombuffer(caption.encode("utf-8")[: max_len - 1], np.uint8).astype(np.int32) + 2
   elif tokenizer == "words":
@@ -33,7 +46,7 @@ def tokenize(caption: str, max_len: int, tokenizer: str = "bytes") -> np.ndarray
     ids = np.asarray([2 + zlib.crc32(w.encode()) % buckets for w in _WORD.findall(caption.lower())],
                      np.int32)[: max_len - 1]
   else:
-    raise ValueError(f"config.text.tokenizer={tokenizer!r}: choose one of {sorted(VOCAB_SIZES)}")
+    raise ValueError(f"config.text.tokenizer={tokenizer!r}: choose one of {TOKENIZERS}")
   return np.concatenate([[BOS], ids]).astype(np.int32)
 
 
@@ -77,9 +90,28 @@ class TextEncoder(nnx.Module):
     return jnp.where((segment_ids > 0)[..., None], x, 0.0)
 
 
-def from_config(cfg, *, backend: str, rngs: nnx.Rngs) -> TextEncoder:
+def from_config(cfg, *, backend: str, rngs: nnx.Rngs) -> nnx.Module:
+  """config.text -> an encoder with the `TextEncoder` call contract.
+
+  Pretrained encoders ('minilm', 't5') come with random weights: fill them with
+  `text_pretrained.load_weights(encoder)` once the state exists. They are frozen unless
+  `config.text.trainable`; `config.text.width` must equal their hidden size (the DiT reads it).
+  """
+  if cfg.encoder in text_pretrained.KINDS:
+    tokenizer = cfg.get("tokenizer", "bytes")
+    if tokenizer != cfg.encoder:
+      raise ValueError(f"config.text.tokenizer={tokenizer!r}: encoder {cfg.encoder!r} needs tokenizer {cfg.encoder!r}")
+    encoder = text_pretrained.build(cfg.encoder, cfg.get("path"), trainable=cfg.get("trainable", False),
+                                    backend=backend, rngs=rngs)
+    if encoder.width != cfg.width:
+      raise ValueError(f"config.text.width={cfg.width}: the {cfg.encoder} encoder has width {encoder.width}")
+    if cfg.get("max_len", 0) > getattr(encoder, "max_positions", cfg.get("max_len", 0)):
+      raise ValueError(f"config.text.max_len={cfg.max_len}: the {cfg.encoder} encoder has "
+                       f"{encoder.max_positions} positions")
+    return encoder
   if cfg.encoder != "trainable":
-    raise ValueError(f"config.text.encoder={cfg.encoder!r}: unknown text encoder; available: 'trainable'")
+    raise ValueError(f"config.text.encoder={cfg.encoder!r}: unknown text encoder; available: "
+                     f"{('trainable',) + text_pretrained.KINDS}")
   tokenizer = cfg.get("tokenizer", "bytes")
   if tokenizer not in VOCAB_SIZES:
     raise ValueError(f"config.text.tokenizer={tokenizer!r}: choose one of {sorted(VOCAB_SIZES)}")

@@ -22,6 +22,7 @@ from sora_jax.data import pipeline
 from sora_jax.diffusion import flow
 from sora_jax.diffusion import masks
 from sora_jax.models import t2v
+from sora_jax.models import text_pretrained
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.train import checkpoint as ckpt_lib
 from sora_jax.train import flops as flops_lib
@@ -94,7 +95,13 @@ def denoiser_loss(model, batch, rng, config):
                                         batch["grid"][..., 0], probs)
     x_t = jnp.where(cond_mask[..., None], x0, x_t)
     weight = 1.0 - cond_mask.astype(jnp.float32)
-  text, pooled = model.encode_text(batch["text"], batch["text_segment_ids"], batch["text_positions"], S)
+  labels = batch.get("labels")
+  if labels is not None and t2v.is_class_conditional(config) and config.train_dit.caption_dropout > 0:
+    # Label dropout (the class-conditional twin of caption dropout): -1 reads as the null class.
+    drop = jax.random.bernoulli(jax.random.fold_in(rng, 2), config.train_dit.caption_dropout, labels.shape[:2])
+    labels = jnp.where(drop[..., None], -1, labels)
+  text, pooled = model.encode_text(batch["text"], batch["text_segment_ids"], batch["text_positions"], S,
+                                   labels=labels)
   v = model(x_t, batch["coords"], seg, t_table, text, batch["text_segment_ids"], pooled, cond_mask=cond_mask)
   loss, _ = flow.flow_loss(v, flow.velocity_target(x0, noise), seg, token_weight=weight, max_segments=S)
   return loss
@@ -110,6 +117,17 @@ def latent_source(workdir: str) -> grain.MapDataset:
 def flops_per_token(config) -> float:
   """Analytic training FLOPs per video token of a full row (see sora_jax/train/flops.py)."""
   return flops_lib.flops_per_token(config)
+
+
+def load_pretrained_text(config, graphdef, state, shardings, mesh):
+  """A fresh run's state with the pretrained text encoder's weights (frozen ones live in `rest`)."""
+  with mesh_lib.use(mesh, mesh_lib.DIT_RULES):
+    model = nnx.merge(graphdef, state.params, state.rest)
+    text_pretrained.load_weights(model.text, config.text.get("path") or None)
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+  logging.info("DiT: loaded pretrained %s text encoder", config.text.encoder)
+  ema = None if state.ema is None else params
+  return jax.device_put(state.replace(params=params, rest=rest, ema=ema), shardings)
 
 
 def make_train_step(config, graphdef, tx, shardings):
@@ -152,6 +170,8 @@ def train(config, workdir: str, mesh) -> dict:
   if ckpt.latest_step() is not None:
     state, step = ckpt.restore(state, data_iter=data_iter)
     logging.info("DiT: resumed from step %d", step)
+  elif config.text.encoder in text_pretrained.KINDS:
+    state = load_pretrained_text(config, graphdef, state, created.shardings, mesh)
   start = int(state.step)
 
   # ---------------------------------------------------------------- update step
@@ -164,6 +184,11 @@ def train(config, workdir: str, mesh) -> dict:
   flops_step = flops_per_token(config) * tokens_per_step
   t_last, steps_since, stats = time.perf_counter(), 0, []
   metrics = {}
+  eval_every = cfg.get("eval_every", 0)
+  if eval_every:
+    from sora_jax.eval import evaluate as eval_lib  # imported here: evaluate imports this module
+    val_batches, val_fn = eval_lib.validation_batches(config, workdir), eval_lib.make_val_loss_fn(config, graphdef)
+    eval_writer = log_lib.MetricWriter(workdir, "eval", is_main=is_main)
   with mesh_lib.use(mesh, mesh_lib.DIT_RULES):
     for step in range(start, cfg.steps):
       host_batch = next(data_iter)
@@ -185,7 +210,13 @@ def train(config, workdir: str, mesh) -> dict:
             segments_per_row=np.mean([s["segments_per_row"] for s in stats]))
         stats = []
         writer.write(step + 1, metrics)
+      if eval_every and ((step + 1) % eval_every == 0 or step + 1 == cfg.steps):
+        weights = state.params if state.ema is None else state.ema
+        results = eval_lib.validation_loss(config, graphdef, weights, state.rest, val_batches, mesh, val_fn=val_fn)
+        eval_lib.write_results(workdir, step + 1, results, eval_writer)
       ckpt.save(step + 1, state, config=config_json, data_iter=data_iter, force=(step + 1 == cfg.steps))
   ckpt.close()
   writer.close()
+  if eval_every:
+    eval_writer.close()
   return {k: float(v) for k, v in metrics.items()}
