@@ -117,9 +117,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.text.max_len < 2:
     _fail("text.max_len", config.text.max_len, "must be at least 2 (BOS + one token)")
   from sora_jax.models import text as text_lib  # noqa: PLC0415 (keeps config parsing import-light)
-  if config.text.get("encoder", "trainable") not in ("trainable",) + text_lib.PRETRAINED_TOKENIZERS:
-    _fail("text.encoder", config.text.encoder,
-          f"choose one of {('trainable',) + text_lib.PRETRAINED_TOKENIZERS}")
+  encoders = ("trainable", "class") + text_lib.PRETRAINED_TOKENIZERS
+  if config.text.get("encoder", "trainable") not in encoders:
+    _fail("text.encoder", config.text.encoder, f"choose one of {encoders}")
   if config.text.get("tokenizer", "bytes") not in text_lib.TOKENIZERS:
     _fail("text.tokenizer", config.text.tokenizer, f"choose one of {text_lib.TOKENIZERS}")
   if config.train_dit.text_seq_len < config.text.max_len:
