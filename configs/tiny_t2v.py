@@ -14,8 +14,8 @@ from sora_jax import configs_lib
 
 def get_config(arg=None):
   arg = configs_lib.parse_arg(
-      arg, runlocal=False, variable=True, vae_steps=400, dit_steps=2000, width=144, depth=6,
-      encode_samples=3000, res=32)
+      arg, runlocal=False, variable=True, vae_steps=300, dit_steps=1500, width=144, depth=6,
+      encode_samples=2000, res=32)
   c = configs_lib.ml_collections.ConfigDict()
   c.mode = "all"
   c.seed = 0
@@ -26,22 +26,26 @@ def get_config(arg=None):
   r = arg.res
   c.data = dict(
       source="synthetic",
-      # (frames, height, width) choices per sample; frames are 1 + 4k for the 4x temporal VAE.
+      # (frames, height, width) choices per sample; frames are 1 + 2k for the 2x temporal VAE.
       sizes=[(9, r, r), (9, r, r + r // 2), (9, r + r // 2, r), (1, r, r)] if arg.variable else [(9, r, r)],
       size_weights=[0.4, 0.2, 0.2, 0.2] if arg.variable else [1.0],
       num_workers=0,
       heldout_size=(9, r, r),
   )
+  # 2x2 pixel patchify + one 2x downsampling level: 4x space, 2x time (9 frames -> 5 latent frames), 16
+  # latent channels. Patchifying first keeps most convolutions at 16x16, 3.4x cheaper per step on CPU.
   c.vae = dict(
-      base_channels=16,
+      base_channels=24,
       channel_mults=(1, 2, 4),
       num_res_blocks=1,
-      temporal_downsample=(True, True),
-      latent_channels=4,
+      patch_size=2,
+      spatial_downsample=(True, False),
+      temporal_downsample=(True, False),
+      latent_channels=16,
       mid_attention=False,
   )
   c.train_vae = dict(
-      steps=arg.vae_steps, batch_size=8, lr=1e-3, warmup_steps=100, weight_decay=0.0, grad_clip=1.0,
+      steps=arg.vae_steps, batch_size=8, lr=5e-4, warmup_steps=30, weight_decay=0.0, grad_clip=1.0,
       kl_weight=1e-6, sizes=[(9, r, r), (1, r, r)], size_weights=[0.8, 0.2],
       log_every=50, ckpt_every=500, keep=2)
   c.encode = dict(num_samples=arg.encode_samples, batch_size=32)
@@ -52,9 +56,9 @@ def get_config(arg=None):
   c.flow = dict(
       t_sampling="logit_normal", logit_mean=0.0, logit_std=1.0,
       # Larger grids get more noise: shift = sqrt(tokens / shift_base_tokens), clipped to [1, max_shift].
-      resolution_shift=True, shift_base_tokens=48, max_shift=4.0)
+      resolution_shift=True, shift_base_tokens=80, max_shift=4.0)
   c.train_dit = dict(
-      steps=arg.dit_steps, batch_size=8, seq_len=256, text_seq_len=128, max_segments=8,
+      steps=arg.dit_steps, batch_size=4, seq_len=320, text_seq_len=128, max_segments=8,
       lr=5e-4, warmup_steps=200, weight_decay=0.01, grad_clip=1.0, ema_decay=0.999,
       caption_dropout=0.1, log_every=50, ckpt_every=1000, keep=2, num_packing_bins=16)
   # Frame conditioning in training (image-to-video, extension, connecting): a mask strategy per segment.

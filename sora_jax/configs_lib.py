@@ -65,9 +65,10 @@ def _positive(config, field: str, allow_zero: bool = False):
 
 
 def vae_strides(vae) -> tuple[int, int]:
-  """(temporal, spatial) compression of a VAE config."""
-  levels = len(vae.channel_mults) - 1
-  return 2 ** sum(bool(x) for x in vae.temporal_downsample), 2**levels
+  """(temporal, spatial) compression of a VAE config (pixel patchify times the downsampling levels)."""
+  spatial = vae.get("spatial_downsample") or (True,) * (len(vae.channel_mults) - 1)
+  return (2 ** sum(bool(x) for x in vae.temporal_downsample),
+          int(vae.get("patch_size", 1)) * 2 ** sum(bool(x) for x in spatial))
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
