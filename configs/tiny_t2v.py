@@ -46,7 +46,7 @@ def get_config(arg=None):
   )
   c.train_vae = dict(
       steps=arg.vae_steps, batch_size=8, lr=5e-4, warmup_steps=30, weight_decay=0.0, grad_clip=1.0,
-      kl_weight=1e-6, sizes=[(9, r, r), (1, r, r)], size_weights=[0.8, 0.2],
+      kl_weight=1e-6, lpips_weight=0.0, disc_weight=0.0, disc_start=0, disc_channels=64, disc_layers=3, sizes=[(9, r, r), (1, r, r)], size_weights=[0.8, 0.2],
       log_every=50, ckpt_every=500, keep=2)
   c.encode = dict(num_samples=arg.encode_samples, batch_size=32)
   c.text = dict(encoder="trainable", tokenizer="words", max_len=16, width=128, depth=2, num_heads=4)
@@ -60,14 +60,14 @@ def get_config(arg=None):
   c.train_dit = dict(
       steps=arg.dit_steps, batch_size=4, seq_len=320, text_seq_len=128, max_segments=8,
       lr=5e-4, warmup_steps=200, weight_decay=0.01, grad_clip=1.0, ema_decay=0.999,
-      caption_dropout=0.1, log_every=50, ckpt_every=1000, keep=2, num_packing_bins=16)
+      caption_dropout=0.1, eval_every=0, log_every=50, ckpt_every=1000, keep=2, num_packing_bins=16)
   # Frame conditioning in training (image-to-video, extension, connecting): a mask strategy per segment.
   c.cond = dict(mask_ratios=dict(none=0.5, first=0.1, last=0.05, first_last=0.05, prefix=0.15, suffix=0.05,
                                  random=0.1))
   c.sample = dict(
       steps=25, solver="euler", guidance=4.0, num_heldout_prompts=32, prompts_file="", batch_size=16,
       use_ema=True, guidance_image=1.0, guidance_interval=(0.0, 1.0), negative_prompt="")
-  c.eval = dict(num_vae_clips=32)
+  c.eval = dict(num_vae_clips=32, val_samples=64, val_timesteps=(0.1, 0.3, 0.5, 0.7, 0.9), fvd_clips=0)
 
   if arg.runlocal:
     c.vae.base_channels = 8

@@ -101,9 +101,12 @@ def run(config, workdir: str, mode: str) -> dict:
       report["prompt_adherence"] = scorer.prompt_adherence(
           [videos[i] for i in labeled], [prompts[i]["labels"] for i in labeled])
   if mode in ("eval", "all"):
-    report["vae_psnr"] = stage("eval_vae", lambda: eval_lib.vae_psnr(config, workdir, mesh))
-    report["prompt_adherence"] = stage("sample_and_score", lambda: eval_lib.prompt_adherence(
-        config, workdir, mesh, out_dir=os.path.join(workdir, "samples")))
+    # VAE metrics always; DiT metrics (validation loss, samples scored, FVD) once a DiT is trained.
+    report["vae"] = stage("eval_vae", lambda: train_vae.evaluate_vae(config, workdir, mesh))
+    report["vae_psnr"] = report["vae"]["synthetic"]["psnr"]
+    if os.path.isdir(train_dit.checkpoint_dir(workdir)):
+      results = stage("eval_dit", lambda: eval_lib.evaluate(config, workdir, mesh, vae=report["vae"]))
+      report.update({k: v for k, v in results.items() if k not in ("vae", "vae_psnr")})
   report["stage_seconds"] = stage_seconds
   report["mode"] = mode
   if jax.process_index() == 0:

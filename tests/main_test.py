@@ -19,7 +19,7 @@ def test_mode_all_end_to_end(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(workdir, "report.json")) as f:
     report = json.load(f)
-  assert set(report["stage_seconds"]) >= {"train_vae", "encode", "train_dit", "eval_vae", "sample_and_score"}
+  assert set(report["stage_seconds"]) >= {"train_vae", "encode", "train_dit", "eval_vae", "eval_dit"}
   assert report["vae_psnr"] > 0
   assert set(report["prompt_adherence"]) >= {"color", "direction"}
   with open(os.path.join(workdir, "config.json")) as f:

@@ -5,6 +5,10 @@ per-segment tables [B, S, ...] that are gathered to tokens by segment id. Self-a
 segment, cross-attention goes only to the text tokens of the same segment, 3D RoPE is computed from each
 token's (t, h, w) coordinates, and adaLN-Zero modulation is computed per segment (cheap) then gathered.
 
+Class conditioning (DiT's ImageNet setting, UCF-101-style video benchmarks): with `num_classes`, a label
+embedding table of `num_classes + 1` rows (the last is the null class of classifier-free guidance) is added
+to the timestep embedding in place of pooled text, and `cross_attention=False` drops the text branch.
+
 Frame conditioning (image-to-video, extension): tokens with `cond_mask == 1` are given clean, so they are
 modulated as at t = 0. The per-segment table is then doubled, `[B, 2S, ...]` (rows S.. at t = 0), and a
 conditioned token of segment k reads row S + k - 1: still one gather, and no new parameters.
@@ -29,15 +33,31 @@ REMAT_POLICIES = {
 }
 
 
+# Model sizes as big_vision-style variant strings "S/2": (width, depth, heads) of the DiT paper's table.
+VARIANTS = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
+
+
+def decode_variant(variant: str) -> dict:
+  """"XL/2" -> {width, depth, num_heads, patch}; the patch is spatial (a video config picks its own pt)."""
+  name, _, patch = variant.partition("/")
+  if name not in VARIANTS or not patch.isdigit():
+    raise ValueError(f"DiT variant {variant!r}: expected NAME/PATCH with NAME in {sorted(VARIANTS)}, e.g. 'XL/2'")
+  width, depth, heads = VARIANTS[name]
+  return dict(width=width, depth=depth, num_heads=heads, patch=int(patch))
+
+
 class DiTBlock(nnx.Module):
-  """adaLN-Zero block: modulated self-attention, cross-attention to text, modulated MLP."""
+  """adaLN-Zero block: modulated self-attention, cross-attention to text (optional), modulated MLP."""
 
   def __init__(self, dim, num_heads, mlp_ratio, text_dim, *, qk_norm, backend, dtype, rngs):
     self.norm1 = layers.LayerNorm()
     self.attn = layers.Attention(dim, num_heads, qk_norm=qk_norm, backend=backend, dtype=dtype, rngs=rngs)
-    self.norm2 = layers.RMSNorm(dim)
-    self.cross = layers.Attention(dim, num_heads, kv_dim=text_dim, qk_norm=qk_norm, backend=backend,
-                                  dtype=dtype, rngs=rngs)
+    if text_dim:
+      self.norm2 = layers.RMSNorm(dim)
+      self.cross = layers.Attention(dim, num_heads, kv_dim=text_dim, qk_norm=qk_norm, backend=backend,
+                                    dtype=dtype, rngs=rngs)
+    else:
+      self.norm2 = self.cross = None
     self.norm3 = layers.LayerNorm()
     self.mlp = layers.MLP(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
     # Zero-initialised modulation: every block starts as the identity (adaLN-Zero).
@@ -50,28 +70,38 @@ class DiTBlock(nnx.Module):
     shift1, scale1, gate1, shift2, scale2, gate2 = [mod[:, :, i] for i in range(6)]
     h = self.norm1(x) * (1 + scale1) + shift1
     x = x + gate1 * self.attn(h, seg, rope=rope)
-    x = x + self.cross(self.norm2(x), seg, context=text, kv_segment_ids=text_seg)
+    if self.cross is not None:
+      x = x + self.cross(self.norm2(x), seg, context=text, kv_segment_ids=text_seg)
     h = self.norm3(x) * (1 + scale2) + shift2
     x = x + gate2 * self.mlp(h)
     return mesh_lib.constrain(x, ("act_batch", "act_len", "act_embed"))
 
 
 class DiT(nnx.Module):
-  """Diffusion Transformer: packed noisy patches + per-segment t and text -> velocity per patch."""
+  """Diffusion Transformer: packed noisy patches + per-segment t and text (or class) -> velocity per patch."""
 
   def __init__(self, *, patch_dim: int, width: int, depth: int, num_heads: int, mlp_ratio: float,
                text_dim: int, qk_norm: bool = True, backend: str = "xla", scan_layers: bool = True,
-               remat: str = "none", dtype=jnp.float32, rngs: nnx.Rngs):
+               remat: str = "none", dtype=jnp.float32, num_classes: int = 0, cross_attention: bool = True,
+               rngs: nnx.Rngs):
     if remat not in REMAT_POLICIES:
       raise ValueError(f"dit.remat={remat!r}: choose one of {sorted(REMAT_POLICIES)}")
     self.width, self.num_heads, self.depth = width, num_heads, depth
     self.scan_layers, self.remat, self.dtype = scan_layers, remat, dtype
+    self.num_classes = num_classes
     self.patch_in = layers.Dense(patch_dim, width, ("patch", "embed"), dtype=dtype, rngs=rngs)
     self.t_mlp1 = layers.Dense(256, width, ("cond", "embed"), rngs=rngs)
     self.t_mlp2 = layers.Dense(width, width, ("embed", "cond"), rngs=rngs)
-    self.text_pool = layers.Dense(text_dim, width, ("embed", "cond"), rngs=rngs)
-    make = functools.partial(DiTBlock, width, num_heads, mlp_ratio, text_dim, qk_norm=qk_norm,
-                             backend=backend, dtype=dtype)
+    if num_classes:
+      # Row num_classes is the null class (label dropout, the unconditional branch of CFG).
+      self.class_embed = nnx.Param(jax.random.normal(rngs.params(), (num_classes + 1, width)) * 0.02,
+                                   out_sharding=("vocab", "cond"))
+      self.text_pool = None
+    else:
+      self.class_embed = None
+      self.text_pool = layers.Dense(text_dim, width, ("embed", "cond"), rngs=rngs)
+    make = functools.partial(DiTBlock, width, num_heads, mlp_ratio, text_dim if cross_attention else 0,
+                             qk_norm=qk_norm, backend=backend, dtype=dtype)
     if scan_layers:
       @nnx.split_rngs(splits=depth)
       @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -84,16 +114,19 @@ class DiT(nnx.Module):
     self.final_ada = layers.Dense(width, (2, width), ("cond", None, "embed"), zero_init=True, rngs=rngs)
     self.patch_out = layers.Dense(width, patch_dim, ("embed", "patch"), zero_init=True, rngs=rngs)
 
-  def conditioning(self, t_table, text_pooled):
-    """Per-segment conditioning vector [B, S, D] from t [B, S] and pooled text [B, S, Dt]."""
+  def conditioning(self, t_table, pooled):
+    """Per-segment conditioning [B, S, D] from t [B, S] and pooled text [B, S, Dt] (or class ids [B, S])."""
     temb = layers.timestep_embedding(t_table, 256)
     c = self.t_mlp2(jax.nn.silu(self.t_mlp1(temb)))
-    return c + self.text_pool(text_pooled)
+    if self.class_embed is not None:
+      # One-hot matmul: S rows per batch row, and a gather's backward would be a scatter-add.
+      return c + jax.nn.one_hot(pooled, self.num_classes + 1, dtype=jnp.float32) @ self.class_embed[...]
+    return c + self.text_pool(pooled)
 
   def __call__(self, tokens, coords, seg, t_table, text, text_seg, text_pooled, cond_mask=None):
     """tokens [B,L,P], coords [B,L,3], seg [B,L], t_table [B,S], text [B,Lt,Dt], text_seg [B,Lt],
-    text_pooled [B,S,Dt], cond_mask [B,L] (optional, 1 = token given clean) -> velocity [B,L,P] (zero on
-    padding)."""
+    text_pooled [B,S,Dt] (class ids [B,S] with num_classes), cond_mask [B,L] (optional, 1 = token given
+    clean) -> velocity [B,L,P] (zero on padding). `text` may be None without cross-attention."""
     x = self.patch_in(tokens.astype(self.dtype))
     x = mesh_lib.constrain(x, ("act_batch", "act_len", "act_embed"))
     cond = self.conditioning(t_table, text_pooled)
@@ -103,7 +136,7 @@ class DiT(nnx.Module):
       cond = jnp.concatenate([cond, self.conditioning(jnp.zeros_like(t_table), text_pooled)], axis=1)
       cond_ids = seg + jnp.where((seg > 0) & (cond_mask > 0), t_table.shape[1], 0).astype(seg.dtype)
     rope = rope_lib.rope_3d(coords, self.width // self.num_heads)
-    text = text.astype(self.dtype)
+    text = None if text is None else text.astype(self.dtype)
 
     def apply_block(block, x):
       return block(x, cond, seg, rope, text, text_seg, cond_ids)
@@ -130,7 +163,11 @@ class DiT(nnx.Module):
 
 
 def from_config(config, *, patch_dim: int, text_dim: int, backend: str, rngs: nnx.Rngs) -> DiT:
+  """config.dit (+ config.text.num_classes when config.text.encoder == 'class') -> DiT."""
   d = config.dit
+  num_classes = config.text.num_classes if config.text.encoder == "class" else 0
   return DiT(patch_dim=patch_dim, width=d.width, depth=d.depth, num_heads=d.num_heads,
              mlp_ratio=d.mlp_ratio, text_dim=text_dim, qk_norm=d.qk_norm, backend=backend,
-             scan_layers=d.scan_layers, remat=d.remat, dtype=jnp.dtype(d.get("dtype", "float32")), rngs=rngs)
+             scan_layers=d.scan_layers, remat=d.remat, dtype=jnp.dtype(d.get("dtype", "float32")),
+             num_classes=num_classes, cross_attention=d.get("cross_attention", True) and not num_classes,
+             rngs=rngs)

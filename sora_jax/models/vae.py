@@ -9,7 +9,9 @@ Shape contract, with `s_t = temporal_stride` and `s = spatial_stride`:
   encode: [B, 1 + s_t*k, s*h, s*w, in_channels] -> mean, logvar [B, 1 + k, h, w, latent_channels]
   decode: [B, 1 + k, h, w, latent_channels] -> [B, 1 + s_t*k, s*h, s*w, in_channels]
 Causality: latent frame i depends only on pixel frames <= s_t*i; decoded frame j depends only on latent frames
-<= ceil(j / s_t).
+<= ceil(j / s_t). That is what makes chunked passes exact: `encode(x, chunk=k)` / `decode(z, chunk=k)` run
+frame 0 alone and then k-latent-frame chunks in a scan that carries each conv's last input frames
+(`ConvCache`), with activation memory flat in T; `tile=` adds overlapping spatial tiles, blended.
 
 Weights carry logical axis names (`conv_kt, conv_kh, conv_kw, conv_in, conv_out`; the pixel- and
 latent-facing channel axes are left unnamed, i.e. replicated). Flax 0.12 shards variables
@@ -33,33 +35,40 @@ class LatentStats(nnx.Variable):
   """Per-channel latent statistics; not an `nnx.Param`, so optimizers leave it alone."""
 
 
-def _pad_time_causal(x: jax.Array, n: int) -> jax.Array:
-  """Left-pads `n` frames by repeating frame 0 (keeps the first frame's output a function of itself only)."""
+def _pad_time_causal(x: jax.Array, n: int, mode: str = "replicate") -> jax.Array:
+  """Left-pads `n` frames: copies of frame 0 ("replicate") or zeros ("zeros", Wan2.1's choice)."""
   if n == 0:
     return x
-  return jnp.concatenate([jnp.repeat(x[:, :1], n, axis=1), x], axis=1)
+  pad = (jnp.repeat(x[:, :1], n, axis=1) if mode == "replicate"
+         else jnp.zeros((x.shape[0], n, *x.shape[2:]), x.dtype))
+  return jnp.concatenate([pad, x], axis=1)
 
 
 def causal_conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1, 1)) -> jax.Array:
-  """Causal 3D convolution, kernel `[kt, kh, kw, cin, cout]`, spatial padding `(k-1)//2` on both sides.
+  """Causal 3D convolution, kernel `[kt, kh, kw, cin, cout]`, spatial padding `(k-1)//2` on both sides."""
+  return conv3d_time_valid(_pad_time_causal(x, kernel.shape[0] - 1), kernel, strides)
+
+
+def conv3d_time_valid(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1, 1)) -> jax.Array:
+  """3D convolution with no time padding (the caller prepends causal context) and 'same' spatial padding.
 
   Formulated as one 2D convolution over `[B*T', H, W]` whose input channels are the `kt` time-shifted frame
-  stacks concatenated: on CPU this runs about 2x faster than XLA's 3D convolution (fwd+bwd, 9x32x32, 32->32
-  channels: 240 ms vs 467 ms at batch 8). It is the single place to change if another backend prefers
-  `lax.conv_general_dilated` with three spatial dims.
+  stacks concatenated. Measured side by side on the 2-core CPU (tools/bench_vae_conv.py, fwd+bwd, demo
+  shapes) it beats XLA's 3D convolution by 4-6x and explicit im2col (all taps concatenated + one matmul)
+  by 2-4x: with 16-32 output channels the matmul is skinny however wide its input, and im2col's 27x
+  activation copies cost more memory traffic than they save. It lowers to a standard 2D convolution on
+  TPU and GPU too, so it is the only code path.
   """
   kt, kh, kw, cin, cout = kernel.shape
   st, sh, sw = strides
-  x = _pad_time_causal(x, kt - 1)
   b, tp, h, w, c = x.shape
   if c != cin:
     raise ValueError(f"causal_conv3d: input has {c} channels, kernel expects {cin}")
   t_out = (tp - kt) // st + 1
   if kh == kw == 1 and sh == sw == 1:
     # Pointwise over space: a matmul per time tap is cheaper than a conv.
-    y = sum(jnp.einsum("bthwc,cd->bthwd", x[:, i:i + st * (t_out - 1) + 1:st], kernel[i, 0, 0])
-            for i in range(kt))
-    return y
+    return sum(jnp.einsum("bthwc,cd->bthwd", x[:, i:i + st * (t_out - 1) + 1:st], kernel[i, 0, 0])
+               for i in range(kt))
   taps = [x[:, i:i + st * (t_out - 1) + 1:st] for i in range(kt)]
   x = jnp.concatenate(taps, axis=-1) if kt > 1 else taps[0]
   x = x.reshape(b * t_out, h, w, kt * cin)
@@ -71,12 +80,39 @@ def causal_conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 
   return y.reshape(b, t_out, *y.shape[1:])
 
 
+class ConvCache:
+  """Causal conv states for chunked passes.
+
+  Each causal conv reads the frames it still needs from the previous chunk (`prev`, in call order) and
+  records its own for the next chunk (`next`, same order). `prev is None` marks the first chunk, which is
+  padded exactly like a full pass, so chunked and full passes agree.
+  """
+
+  def __init__(self, prev: Sequence[jax.Array] | None = None):
+    self.prev = None if prev is None else list(prev)
+    self.next: list[jax.Array] = []
+
+  @property
+  def first(self) -> bool:
+    return self.prev is None
+
+  def context(self, x: jax.Array, n: int, stride: int, pad_mode: str) -> jax.Array:
+    """`x` with its causal left context (cached frames, or padding on the first chunk); records the next."""
+    xp = _pad_time_causal(x, n, pad_mode) if self.first else jnp.concatenate(
+        [self.prev[len(self.next)], x], axis=1)
+    # Frames from the next window start on are the next chunk's context (n frames when stride is 1).
+    consumed = ((xp.shape[1] - n - 1) // stride + 1) * stride
+    self.next.append(xp[:, consumed:])
+    return xp
+
+
 class CausalConv3d(nnx.Module):
   """Causal-in-time 3D convolution with bias (see `causal_conv3d`)."""
 
   def __init__(self, in_channels: int, out_channels: int, *, kernel_size: Sequence[int] = (3, 3, 3),
                strides: Sequence[int] = (1, 1, 1), zero_init: bool = False, in_axis: str | None = "conv_in",
-               out_axis: str | None = "conv_out", dtype=jnp.float32, rngs: nnx.Rngs):
+               out_axis: str | None = "conv_out", pad_mode: str = "replicate", dtype=jnp.float32,
+               rngs: nnx.Rngs):
     # `in_axis` / `out_axis` are None for the pixel- and latent-facing sides (3 to 2*latent channels): too
     # small to shard, and usually not divisible by a mesh axis.
     init = nnx.initializers.zeros_init() if zero_init else nnx.initializers.lecun_normal()
@@ -85,10 +121,20 @@ class CausalConv3d(nnx.Module):
     self.bias = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros_init(), (out_axis,))(
         rngs.params(), (out_channels,)))
     self.strides = tuple(strides)
+    self.pad_mode = pad_mode
     self.dtype = dtype
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    y = causal_conv3d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.strides)
+  def __call__(self, x: jax.Array, cache: ConvCache | None = None, *,
+               kernel: jax.Array | None = None) -> jax.Array:
+    """`kernel` replaces the stored one (to differentiate a loss w.r.t. this layer's weights alone)."""
+    x = x.astype(self.dtype)
+    kernel = self.kernel[...] if kernel is None else kernel
+    n = kernel.shape[0] - 1
+    if cache is not None and n:
+      x = cache.context(x, n, self.strides[0], self.pad_mode)
+    else:
+      x = _pad_time_causal(x, n, self.pad_mode)
+    y = conv3d_time_valid(x, kernel.astype(self.dtype), self.strides)
     return y + self.bias[...].astype(self.dtype)
 
 
@@ -110,17 +156,19 @@ class RMSNorm(nnx.Module):
 class ResBlock(nnx.Module):
   """Pre-norm residual block: (norm, SiLU, causal conv) x2; the second conv starts at zero (identity)."""
 
-  def __init__(self, in_channels: int, out_channels: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, in_channels: int, out_channels: int, *, pad_mode: str = "replicate", dtype=jnp.float32,
+               rngs: nnx.Rngs):
     self.norm1 = RMSNorm(in_channels, dtype=dtype, rngs=rngs)
-    self.conv1 = CausalConv3d(in_channels, out_channels, dtype=dtype, rngs=rngs)
+    self.conv1 = CausalConv3d(in_channels, out_channels, pad_mode=pad_mode, dtype=dtype, rngs=rngs)
     self.norm2 = RMSNorm(out_channels, dtype=dtype, rngs=rngs)
-    self.conv2 = CausalConv3d(out_channels, out_channels, zero_init=True, dtype=dtype, rngs=rngs)
+    self.conv2 = CausalConv3d(out_channels, out_channels, zero_init=True, pad_mode=pad_mode, dtype=dtype,
+                              rngs=rngs)
     self.skip = (CausalConv3d(in_channels, out_channels, kernel_size=(1, 1, 1), dtype=dtype, rngs=rngs)
                  if in_channels != out_channels else None)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    h = self.conv1(jax.nn.silu(self.norm1(x)))
-    h = self.conv2(jax.nn.silu(self.norm2(h)))
+  def __call__(self, x: jax.Array, cache: ConvCache | None = None) -> jax.Array:
+    h = self.conv1(jax.nn.silu(self.norm1(x)), cache)
+    h = self.conv2(jax.nn.silu(self.norm2(h)), cache)
     skip = self.skip(x) if self.skip is not None else x
     return skip + h
 
@@ -140,7 +188,8 @@ class SpatialAttention(nnx.Module):
         rngs.params(), (channels,)))
     self.dtype = dtype
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, cache: ConvCache | None = None) -> jax.Array:
+    del cache  # per frame: nothing to carry between chunks
     b, t, h, w, c = x.shape
     y = self.norm(x).reshape(b * t, h * w, c)
     q, k, v = jnp.split(y @ self.qkv[...].astype(self.dtype), 3, axis=-1)
@@ -151,92 +200,115 @@ class SpatialAttention(nnx.Module):
 
 
 class Downsample(nnx.Module):
-  """Strided causal conv: /2 in space, and /2 in time (first frame alone) when `temporal`."""
+  """Strided causal conv: /2 in space when `spatial`, /2 in time (first frame alone) when `temporal`."""
 
-  def __init__(self, channels: int, *, temporal: bool, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, channels: int, *, temporal: bool, spatial: bool = True, pad_mode: str = "replicate",
+               dtype=jnp.float32, rngs: nnx.Rngs):
     # Kernel 3, stride 2, left pad 2 in time: 1 + 2k frames -> 1 + k, output 0 sees frame 0 only.
-    self.conv = CausalConv3d(channels, channels, strides=(2 if temporal else 1, 2, 2), dtype=dtype,
-                             rngs=rngs)
+    s = 2 if spatial else 1
+    self.conv = CausalConv3d(channels, channels, strides=(2 if temporal else 1, s, s), pad_mode=pad_mode,
+                             dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.conv(x)
+  def __call__(self, x: jax.Array, cache: ConvCache | None = None) -> jax.Array:
+    return self.conv(x, cache)
 
 
 class Upsample(nnx.Module):
-  """Nearest x2 in space and, when `temporal`, 1 + k -> 1 + 2k frames in time; then a causal conv."""
+  """Nearest x2 in space (when `spatial`) and, when `temporal`, 1 + k -> 1 + 2k frames; then a causal conv."""
 
-  def __init__(self, channels: int, *, temporal: bool, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, channels: int, *, temporal: bool, spatial: bool = True, pad_mode: str = "replicate",
+               dtype=jnp.float32, rngs: nnx.Rngs):
     self.temporal = temporal
-    self.conv = CausalConv3d(channels, channels, dtype=dtype, rngs=rngs)
+    self.spatial = spatial
+    self.conv = CausalConv3d(channels, channels, pad_mode=pad_mode, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
+  def __call__(self, x: jax.Array, cache: ConvCache | None = None) -> jax.Array:
+    if self.spatial:
+      x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
     if self.temporal:
       # Repeat every frame twice and drop the first copy: frame 0 stays alone, the exact shape inverse of
-      # Downsample, and output frame j depends only on latent frames <= ceil(j / 2).
-      x = jnp.repeat(x, 2, axis=1)[:, 1:]
-    return self.conv(x)
+      # Downsample, and output frame j depends only on latent frames <= ceil(j / 2). Later chunks of a
+      # chunked pass keep both copies: their first frame is not the video's.
+      x = jnp.repeat(x, 2, axis=1)
+      if cache is None or cache.first:
+        x = x[:, 1:]
+    return self.conv(x, cache)
 
 
 class VAE(nnx.Module):
-  """Causal 3D conv KL autoencoder for videos and images (an image is a 1-frame video)."""
+  """Causal 3D conv KL autoencoder for videos and images (an image is a 1-frame video).
+
+  `patch_size` p folds p x p pixel blocks into channels before the first conv (and unfolds after the last),
+  as LTX-Video does: the full-resolution level then runs on 1/p^2 of the positions with wider inputs, which
+  is where most of a small VAE's FLOPs and memory traffic go. Spatial stride = p * 2^(spatial downsamples).
+  """
 
   def __init__(self, *, base_channels: int, channel_mults: Sequence[int], num_res_blocks: int,
                temporal_downsample: Sequence[bool], latent_channels: int, mid_attention: bool = False,
-               in_channels: int = 3, dtype=jnp.float32, rngs: nnx.Rngs):
+               in_channels: int = 3, patch_size: int = 1, spatial_downsample: Sequence[bool] | None = None,
+               pad_mode: str = "replicate", dtype=jnp.float32, rngs: nnx.Rngs):
     channel_mults = tuple(channel_mults)
     temporal_downsample = tuple(bool(t) for t in temporal_downsample)
-    if len(temporal_downsample) != len(channel_mults) - 1:
-      raise ValueError(
-          f"vae.temporal_downsample needs one entry per downsampling level (len(channel_mults) - 1 = "
-          f"{len(channel_mults) - 1}), got {temporal_downsample}")
+    spatial_downsample = (tuple(bool(t) for t in spatial_downsample) if spatial_downsample is not None
+                          else (True,) * (len(channel_mults) - 1))
+    for name, flags in [("temporal_downsample", temporal_downsample),
+                        ("spatial_downsample", spatial_downsample)]:
+      if len(flags) != len(channel_mults) - 1:
+        raise ValueError(
+            f"vae.{name} needs one entry per downsampling level (len(channel_mults) - 1 = "
+            f"{len(channel_mults) - 1}), got {flags}")
+    if pad_mode not in ("replicate", "zeros"):
+      raise ValueError(f"vae.pad_mode must be 'replicate' or 'zeros', got {pad_mode!r}")
     self.in_channels = in_channels
     self.latent_channels = latent_channels
     self.temporal_downsample = temporal_downsample
+    self.patch_size = int(patch_size)
     self.temporal_stride = 2 ** sum(temporal_downsample)
-    self.spatial_stride = 2 ** (len(channel_mults) - 1)
+    self.spatial_stride = self.patch_size * 2 ** sum(spatial_downsample)
     self.dtype = dtype
     chans = [base_channels * m for m in channel_mults]
     levels = len(chans)
+    kw = dict(pad_mode=pad_mode, dtype=dtype, rngs=rngs)
+    pixel_channels = in_channels * self.patch_size ** 2
 
     # Encoder: conv_in, per level `num_res_blocks` ResBlocks then a Downsample (all but the last level), mid.
-    self.enc_in = CausalConv3d(in_channels, chans[0], in_axis=None, dtype=dtype, rngs=rngs)
+    self.enc_in = CausalConv3d(pixel_channels, chans[0], in_axis=None, **kw)
     enc, ch = [], chans[0]
     for i, out_ch in enumerate(chans):
       for _ in range(num_res_blocks):
-        enc.append(ResBlock(ch, out_ch, dtype=dtype, rngs=rngs))
+        enc.append(ResBlock(ch, out_ch, **kw))
         ch = out_ch
       if i < levels - 1:
-        enc.append(Downsample(ch, temporal=temporal_downsample[i], dtype=dtype, rngs=rngs))
+        enc.append(Downsample(ch, temporal=temporal_downsample[i], spatial=spatial_downsample[i], **kw))
     self.enc_blocks = nnx.List(enc)
-    self.enc_mid = nnx.List(self._mid(ch, mid_attention, dtype, rngs))
+    self.enc_mid = nnx.List(self._mid(ch, mid_attention, kw))
     self.enc_norm = RMSNorm(ch, dtype=dtype, rngs=rngs)
-    self.enc_out = CausalConv3d(ch, 2 * latent_channels, out_axis=None, dtype=dtype, rngs=rngs)
+    self.enc_out = CausalConv3d(ch, 2 * latent_channels, out_axis=None, **kw)
 
     # Decoder mirrors it with one extra ResBlock per level (the LDM habit: decoding is the harder half).
-    self.dec_in = CausalConv3d(latent_channels, chans[-1], in_axis=None, dtype=dtype, rngs=rngs)
+    self.dec_in = CausalConv3d(latent_channels, chans[-1], in_axis=None, **kw)
     ch = chans[-1]
-    self.dec_mid = nnx.List(self._mid(ch, mid_attention, dtype, rngs))
+    self.dec_mid = nnx.List(self._mid(ch, mid_attention, kw))
     dec = []
     for i in reversed(range(levels)):
       for _ in range(num_res_blocks + 1):
-        dec.append(ResBlock(ch, chans[i], dtype=dtype, rngs=rngs))
+        dec.append(ResBlock(ch, chans[i], **kw))
         ch = chans[i]
       if i > 0:
-        dec.append(Upsample(ch, temporal=temporal_downsample[i - 1], dtype=dtype, rngs=rngs))
+        dec.append(Upsample(ch, temporal=temporal_downsample[i - 1], spatial=spatial_downsample[i - 1], **kw))
     self.dec_blocks = nnx.List(dec)
     self.dec_norm = RMSNorm(ch, dtype=dtype, rngs=rngs)
-    self.dec_out = CausalConv3d(ch, in_channels, out_axis=None, dtype=dtype, rngs=rngs)
+    self.dec_out = CausalConv3d(ch, pixel_channels, out_axis=None, **kw)
 
     self.latent_mean = LatentStats(jnp.zeros((latent_channels,), jnp.float32))
     self.latent_std = LatentStats(jnp.ones((latent_channels,), jnp.float32))
 
   @staticmethod
-  def _mid(ch, mid_attention, dtype, rngs):
-    blocks = [ResBlock(ch, ch, dtype=dtype, rngs=rngs)]
+  def _mid(ch, mid_attention, kw):
+    blocks = [ResBlock(ch, ch, **kw)]
     if mid_attention:
-      blocks.append(SpatialAttention(ch, dtype=dtype, rngs=rngs))
-    blocks.append(ResBlock(ch, ch, dtype=dtype, rngs=rngs))
+      blocks.append(SpatialAttention(ch, dtype=kw["dtype"], rngs=kw["rngs"]))
+    blocks.append(ResBlock(ch, ch, **kw))
     return blocks
 
   def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
@@ -248,26 +320,59 @@ class VAE(nnx.Module):
     return (1 + (frames - 1) // self.temporal_stride, height // self.spatial_stride,
             width // self.spatial_stride, self.latent_channels)
 
-  def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Pixels `[B, T, H, W, in_channels]` in [-1, 1] -> float32 `(mean, logvar)` `[B, T', H', W', C]`."""
-    self.latent_shape(*x.shape[1:4])
-    h = self.enc_in(x)
-    for block in self.enc_blocks:
-      h = block(h)
-    for block in self.enc_mid:
-      h = block(h)
-    h = self.enc_out(jax.nn.silu(self.enc_norm(h))).astype(jnp.float32)
+  # ------------------------------------------------------------------ one pass over frames (or a chunk)
+  def _encode(self, x: jax.Array, cache: ConvCache | None) -> tuple[jax.Array, jax.Array]:
+    h = self.enc_in(space_to_depth(x, self.patch_size), cache)
+    for block in (*self.enc_blocks, *self.enc_mid):
+      h = block(h, cache)
+    h = self.enc_out(jax.nn.silu(self.enc_norm(h)), cache).astype(jnp.float32)
     mean, logvar = jnp.split(h, 2, axis=-1)
     return mean, jnp.clip(logvar, *LOGVAR_RANGE)
 
-  def decode(self, z: jax.Array) -> jax.Array:
-    """Latents `[B, T', H', W', C]` -> float32 pixels `[B, 1 + s_t*(T'-1), s*H', s*W', in_channels]`."""
-    h = self.dec_in(z)
-    for block in self.dec_mid:
-      h = block(h)
-    for block in self.dec_blocks:
-      h = block(h)
-    return self.dec_out(jax.nn.silu(self.dec_norm(h))).astype(jnp.float32)
+  def _decode(self, z: jax.Array, cache: ConvCache | None) -> jax.Array:
+    return self.decode_head(self.decode_features(z, cache), cache)
+
+  def decode_features(self, z: jax.Array, cache: ConvCache | None = None) -> jax.Array:
+    """Everything of the decoder before its last conv (the GAN's adaptive weight differentiates at it)."""
+    h = self.dec_in(z, cache)
+    for block in (*self.dec_mid, *self.dec_blocks):
+      h = block(h, cache)
+    return jax.nn.silu(self.dec_norm(h))
+
+  def decode_head(self, h: jax.Array, cache: ConvCache | None = None, *,
+                  kernel: jax.Array | None = None) -> jax.Array:
+    """Last conv (optionally with `kernel` in place of its weights) and unpatchify -> float32 pixels."""
+    return depth_to_space(self.dec_out(h, cache, kernel=kernel).astype(jnp.float32), self.patch_size)
+
+  def encode(self, x: jax.Array, *, chunk: int | None = None,
+             tile: int | None = None, tile_overlap: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Pixels `[B, T, H, W, in_channels]` in [-1, 1] -> float32 `(mean, logvar)` `[B, T', H', W', C]`.
+
+    `chunk=k`: frame 0 alone, then `temporal_stride * k`-frame chunks in a scan carrying the conv states,
+    so activation memory does not grow with T; equals the full pass to float tolerance. `tile` (pixels, a
+    multiple of `spatial_stride`) encodes overlapping spatial tiles and blends them (approximate).
+    """
+    self.latent_shape(*x.shape[1:4])
+    if tile is not None and max(x.shape[2:4]) > tile:
+      mean_logvar = _tiled(lambda t: jnp.concatenate(self.encode(t, chunk=chunk), -1), x, tile, tile_overlap,
+                           1 / self.spatial_stride)
+      return jnp.split(mean_logvar, 2, axis=-1)
+    if chunk is None:
+      return self._encode(x, None)
+    return _chunked(self._encode, x, self.temporal_stride * chunk)
+
+  def decode(self, z: jax.Array, *, chunk: int | None = None,
+             tile: int | None = None, tile_overlap: int = 0) -> jax.Array:
+    """Latents `[B, T', H', W', C]` -> float32 pixels `[B, 1 + s_t*(T'-1), s*H', s*W', in_channels]`.
+
+    `chunk=k`: latent frame 0 alone, then k-latent-frame chunks with carried conv states (see `encode`);
+    `tile` (latent units) decodes overlapping spatial tiles and blends them.
+    """
+    if tile is not None and max(z.shape[2:4]) > tile:
+      return _tiled(lambda t: self.decode(t, chunk=chunk), z, tile, tile_overlap, self.spatial_stride)
+    if chunk is None:
+      return self._decode(z, None)
+    return _chunked(self._decode, z, chunk)
 
   def __call__(self, x: jax.Array, *, rng: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Reconstructs `x` from a posterior sample; returns `(recon, mean, logvar)`."""
@@ -287,6 +392,94 @@ class VAE(nnx.Module):
     """Stores per-channel statistics (e.g. from `latent_stats(...)` over a few encoded batches)."""
     self.latent_mean[...] = jnp.asarray(mean, jnp.float32).reshape(self.latent_channels)
     self.latent_std[...] = jnp.asarray(std, jnp.float32).reshape(self.latent_channels)
+
+
+def space_to_depth(x: jax.Array, p: int) -> jax.Array:
+  """`[B, T, H, W, C]` -> `[B, T, H/p, W/p, p*p*C]` (channel order (dy, dx, c))."""
+  if p == 1:
+    return x
+  b, t, h, w, c = x.shape
+  x = x.reshape(b, t, h // p, p, w // p, p, c).transpose(0, 1, 2, 4, 3, 5, 6)
+  return x.reshape(b, t, h // p, w // p, p * p * c)
+
+
+def depth_to_space(x: jax.Array, p: int) -> jax.Array:
+  """Inverse of `space_to_depth`."""
+  if p == 1:
+    return x
+  b, t, h, w, c = x.shape
+  x = x.reshape(b, t, h, w, p, p, c // (p * p)).transpose(0, 1, 2, 4, 3, 5, 6)
+  return x.reshape(b, t, h * p, w * p, c // (p * p))
+
+
+def _chunked(fn, x: jax.Array, size: int):
+  """Runs causal `fn(x, cache)` on frame 0, then on `size`-frame chunks in a scan, concatenating outputs.
+
+  The scan carries only the conv states, so peak activation memory is that of one chunk whatever T is.
+  A tail shorter than `size` runs once more after the scan.
+  """
+  cache = ConvCache()
+  out0 = fn(x[:, :1], cache)
+  rest = x[:, 1:]
+  n, tail = divmod(rest.shape[1], size)
+  outs, states = [out0], cache.next
+
+  def step(states, xc):
+    c = ConvCache(states)
+    return c.next, fn(xc, c)
+
+  if n:
+    chunks = jnp.moveaxis(rest[:, :n * size].reshape(x.shape[0], n, size, *x.shape[2:]), 1, 0)
+    states, ys = jax.lax.scan(step, states, chunks)
+    # ys: [n, B, t_chunk, ...] per output -> [B, n * t_chunk, ...].
+    outs.append(jax.tree.map(lambda y: jnp.moveaxis(y, 0, 1).reshape(y.shape[1], -1, *y.shape[3:]), ys))
+  if tail:
+    outs.append(step(states, rest[:, n * size:])[1])
+  return jax.tree.map(lambda *ys: jnp.concatenate(ys, axis=1), *outs)
+
+
+def _blend_ramp(n: int, overlap: int, at_start: bool, at_end: bool) -> jnp.ndarray:
+  """1-D weights: linear ramps over `overlap` positions at inner tile edges, 1 elsewhere."""
+  w = jnp.ones((n,), jnp.float32)
+  if overlap > 0:
+    ramp = (jnp.arange(overlap, dtype=jnp.float32) + 1) / (overlap + 1)
+    if not at_start:
+      w = w.at[:overlap].set(ramp)
+    if not at_end:
+      w = w.at[n - overlap:].set(ramp[::-1])
+  return w
+
+
+def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+  if size <= tile:
+    return [0]
+  step = tile - overlap
+  starts = list(range(0, size - tile, step)) + [size - tile]
+  return sorted(set(starts))
+
+
+def _tiled(fn, x: jax.Array, tile: int, overlap: int, scale: float) -> jax.Array:
+  """Applies `fn` to overlapping `tile` x `tile` spatial tiles of `x` and blends outputs with linear ramps.
+
+  `scale` is the output/input spatial size ratio (the VAE's stride for decode, its inverse for encode);
+  tile, overlap and starts are in input units and must map to whole output units.
+  """
+  _, _, h, w, _ = x.shape
+  hs, ws = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
+  out = weight = None
+  for i in hs:
+    for j in ws:
+      y = fn(x[:, :, i:i + tile, j:j + tile])
+      th, tw = y.shape[2:4]
+      oi, oj, ov = round(i * scale), round(j * scale), round(overlap * scale)
+      if out is None:
+        out = jnp.zeros((y.shape[0], y.shape[1], round(h * scale), round(w * scale), y.shape[-1]), y.dtype)
+        weight = jnp.zeros(out.shape[2:4], jnp.float32)
+      wgt = (_blend_ramp(th, ov, i == hs[0], i == hs[-1])[:, None] *
+             _blend_ramp(tw, ov, j == ws[0], j == ws[-1])[None, :])
+      out = out.at[:, :, oi:oi + th, oj:oj + tw].add(y * wgt[:, :, None])
+      weight = weight.at[oi:oi + th, oj:oj + tw].add(wgt)
+  return out / weight[:, :, None]
 
 
 def latent_stats(z: jax.Array, eps: float = 1e-6) -> tuple[jax.Array, jax.Array]:
@@ -320,14 +513,17 @@ def kl_loss(mean: jax.Array, logvar: jax.Array, *, reduction: str = "sum") -> ja
 
 
 _CONFIG_FIELDS = ("base_channels", "channel_mults", "num_res_blocks", "temporal_downsample",
-                  "latent_channels", "mid_attention")
+                  "latent_channels")
+# Optional fields and their defaults.
+_OPTIONAL_FIELDS = dict(mid_attention=False, in_channels=3, patch_size=1, spatial_downsample=None,
+                        pad_mode="replicate")
 
 
 def from_config(cfg: Mapping[str, Any] | Any, *, rngs: nnx.Rngs, dtype=jnp.float32) -> VAE:
-  """Builds a VAE from `config.vae` (a ConfigDict or dict); optional `in_channels` defaults to 3."""
-  kwargs = {name: cfg[name] for name in _CONFIG_FIELDS if name != "mid_attention"}
-  kwargs["mid_attention"] = bool(cfg.get("mid_attention", False))
-  kwargs["in_channels"] = int(cfg.get("in_channels", 3))
-  kwargs["channel_mults"] = tuple(kwargs["channel_mults"])
-  kwargs["temporal_downsample"] = tuple(kwargs["temporal_downsample"])
+  """Builds a VAE from `config.vae` (a ConfigDict or dict); fields in `_OPTIONAL_FIELDS` may be absent."""
+  kwargs = {name: cfg[name] for name in _CONFIG_FIELDS}
+  kwargs.update({name: cfg.get(name, default) for name, default in _OPTIONAL_FIELDS.items()})
+  for name in ("channel_mults", "temporal_downsample", "spatial_downsample"):
+    if kwargs[name] is not None:
+      kwargs[name] = tuple(kwargs[name])
   return VAE(**kwargs, dtype=dtype, rngs=rngs)

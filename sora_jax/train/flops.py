@@ -1,12 +1,20 @@
-"""Analytic training FLOPs of the denoiser (text encoder + DiT), the numerator of MFU.
+"""Analytic FLOPs of the denoiser (text encoder + DiT): the numerator of MFU and `tools/count.py`.
 
 Counts matmul FLOPs (2 per multiply-accumulate) of one forward pass and takes training as 3x forward
 (backward = 2x forward); recomputation under remat is not counted, as MFU conventions require.
-Element-wise work (norms, RoPE, softmax, modulation) is left out: it is under 1% at these widths.
+Element-wise work (norms, RoPE, softmax, modulation) is left out: it is under 1% at these widths
+(`tests/train/flops_test.py` checks the count against XLA's cost analysis). The DiT paper's "Gflops" count
+multiply-accumulates, i.e. half of these.
 """
 from __future__ import annotations
 
+import jax
+from flax import nnx
+
 from sora_jax.models import t2v
+from sora_jax.parallel import mesh as mesh_lib
+
+TIMESTEP_FEATURES = 256  # sinusoidal features into the timestep MLP (models/dit.py)
 
 
 def _layer_forward(width: int, mlp: int, tokens: float, attn_len: float, ctx_dim: int = 0,
@@ -26,9 +34,9 @@ def _layer_forward(width: int, mlp: int, tokens: float, attn_len: float, ctx_dim
   return f
 
 
-def train_flops_per_row(config, *, video_attn_len: float | None = None, text_attn_len: float | None = None,
-                        video_tokens: float | None = None) -> float:
-  """Training FLOPs of one packed row (forward + backward).
+def forward_flops_per_row(config, *, video_attn_len: float | None = None, text_attn_len: float | None = None,
+                          video_tokens: float | None = None, segments: int = 1) -> float:
+  """Forward FLOPs of one packed row holding `segments` samples.
 
   By default a row is one segment filling `seq_len` video tokens and `text_seq_len` text tokens, so every
   token attends to the whole row; pass the mean per-token attention spans of a packed batch to count only
@@ -36,14 +44,25 @@ def train_flops_per_row(config, *, video_attn_len: float | None = None, text_att
   """
   d, t = config.dit, config.text
   L = config.train_dit.seq_len if video_tokens is None else video_tokens
-  Lt = config.train_dit.text_seq_len
   video_attn_len = L if video_attn_len is None else video_attn_len
+  class_cond = t2v.is_class_conditional(config)
+  cross = d.get("cross_attention", True) and not class_cond
+  Lt = 0 if class_cond else config.train_dit.text_seq_len
   text_attn_len = Lt if text_attn_len is None else text_attn_len
-  mlp = int(d.mlp_ratio * d.width)
-  fwd = d.depth * _layer_forward(d.width, mlp, L, video_attn_len, t.width, Lt, text_attn_len)
-  fwd += 2 * L * 2 * t2v.patch_dim(config) * d.width           # patch in and out
-  fwd += t.depth * _layer_forward(t.width, 4 * t.width, Lt, text_attn_len)
-  return 3.0 * fwd
+  w, mlp = d.width, int(d.mlp_ratio * d.width)
+  fwd = d.depth * _layer_forward(w, mlp, L, video_attn_len, t.width if cross else 0, Lt, text_attn_len)
+  fwd += 2 * L * 2 * t2v.patch_dim(config) * w                    # patch in and out
+  # Per segment: timestep MLP, pooled-text projection, adaLN of every block and of the final layer.
+  fwd += 2 * segments * (TIMESTEP_FEATURES * w + w * w + (0 if class_cond else t.width * w)
+                         + d.depth * 6 * w * w + 2 * w * w)
+  if not class_cond:
+    fwd += t.depth * _layer_forward(t.width, 4 * t.width, Lt, text_attn_len)
+  return fwd
+
+
+def train_flops_per_row(config, **kw) -> float:
+  """Training FLOPs of one packed row (forward + backward); arguments as `forward_flops_per_row`."""
+  return 3.0 * forward_flops_per_row(config, **kw)
 
 
 def train_flops_per_step(config) -> float:
@@ -54,6 +73,15 @@ def train_flops_per_step(config) -> float:
 def flops_per_token(config) -> float:
   """Training FLOPs per video token of a full row (the per-step log's tokens times this is the step)."""
   return train_flops_per_row(config) / config.train_dit.seq_len
+
+
+def param_counts(config) -> dict:
+  """{'dit', 'text'} parameter counts of the real NNX denoiser, built under `nnx.eval_shape` (no memory)."""
+  mesh = mesh_lib.make_mesh(config.mesh, devices=jax.devices()[:1])
+  with mesh_lib.use(mesh, mesh_lib.DIT_RULES):
+    model = nnx.eval_shape(lambda: t2v.TextToVideo(config, patch_dim=t2v.patch_dim(config), rngs=nnx.Rngs(0)))
+  size = lambda m: sum(int(x.size) for x in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
+  return {"dit": size(model.dit), "text": 0 if model.text is None else size(model.text)}
 
 
 # Dense bf16 peak per chip (public figures), FLOP/s.

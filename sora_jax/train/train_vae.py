@@ -1,4 +1,9 @@
-"""VAE trainer: L1 + LPIPS + KL on the embedded clips, then per-channel latent statistics; and its eval.
+"""VAE trainer: L1 + LPIPS + KL (+ hinge GAN) on the embedded clips, then latent statistics; and its eval.
+
+With `train_vae.disc_weight > 0` a 3D patch discriminator is attached to the VAE as its `discriminator`
+attribute: it trains in the same params tree and optimizer (its loss reaches only its own weights, the
+generator loss only the VAE's, via stop_gradient), so checkpoints, resume and sharding need nothing extra,
+and encode/decode never touch it.
 
 Reads top to bottom: setup -> model & optimizer (created sharded) -> data -> resume -> step -> loop ->
 latent statistics -> final checkpoint. `evaluate_vae` scores a trained VAE (PSNR / SSIM / LPIPS) on held-out
@@ -21,6 +26,7 @@ from sora_jax.data import pipeline
 from sora_jax.data import synthetic
 from sora_jax.data import video_io
 from sora_jax.eval import metrics as metrics_lib
+from sora_jax.models import discriminator as disc_lib
 from sora_jax.models import vae as vae_lib
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.train import checkpoint as ckpt_lib
@@ -33,9 +39,19 @@ def create(config, mesh, *, with_optimizer: bool = True, abstract: bool = False)
   """(Created, tx) of the VAE; `abstract` gives shapes + shardings only (AOT compiles, golden specs)."""
   cfg = config.train_vae
   tx = optim.make_optimizer(cfg) if with_optimizer else optax.identity()
-  created = (state_lib.abstract if abstract else state_lib.create)(lambda r: vae_lib.from_config(config.vae, rngs=r), tx, seed=config.seed,
-                             mesh=mesh, rules=mesh_lib.VAE_RULES, ema=False)
+  created = (state_lib.abstract if abstract else state_lib.create)(
+      lambda r: _make_model(config, r), tx, seed=config.seed, mesh=mesh, rules=mesh_lib.VAE_RULES, ema=False)
   return created, tx
+
+
+def _make_model(config, rngs: nnx.Rngs) -> vae_lib.VAE:
+  model = vae_lib.from_config(config.vae, rngs=rngs)
+  cfg = config.train_vae
+  if cfg.get("disc_weight", 0.0) > 0:
+    model.discriminator = disc_lib.PatchDiscriminator3D(
+        channels=cfg.get("disc_channels", 64), num_layers=cfg.get("disc_layers", 3),
+        in_channels=model.in_channels, rngs=rngs)
+  return model
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -77,10 +93,17 @@ def make_decode_fn(graphdef, mesh):
 
 
 def make_train_step(config, graphdef, tx, shardings):
-  """jit(state, batch) -> (state, metrics): L1 + lpips_weight * LPIPS + kl_weight * KL; donates the state."""
+  """jit(state, batch) -> (state, metrics); donates the state.
+
+  Loss: L1 + lpips_weight * LPIPS + kl_weight * KL, and from step `disc_start` on, when `disc_weight > 0`,
+  disc_weight * w * hinge generator loss (w: adaptive weight from the decoder's last-layer gradient norms)
+  plus the discriminator's hinge loss on its own weights.
+  """
   cfg = config.train_vae
   kl_weight = cfg.kl_weight
   lpips_weight = float(cfg.get("lpips_weight", 0.0))
+  disc_weight = float(cfg.get("disc_weight", 0.0))
+  disc_start = int(cfg.get("disc_start", 0))
   lr_fn = optim.schedule(cfg)
 
   @functools.partial(jax.jit, donate_argnums=0, out_shardings=(shardings, None))
@@ -88,16 +111,39 @@ def make_train_step(config, graphdef, tx, shardings):
     rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
     x = mesh_lib.constrain(batch["video"], ("act_batch", "act_time", "act_height", "act_width", "act_channels"))
 
+    def reconstruction_loss(recon):
+      l1 = jnp.mean(jnp.abs(recon - x))
+      if lpips_weight == 0:  # static: no AlexNet in the graph when it is off
+        return l1, {"l1": l1}
+      lp = metrics_lib.lpips(recon, x)
+      return l1 + lpips_weight * lp, {"l1": l1, "lpips": lp}
+
     def loss_fn(params):
       model = nnx.merge(graphdef, params, state.rest)
-      recon, mean, logvar = model(x, rng=rng)
-      l1 = jnp.mean(jnp.abs(recon - x))
-      kl = vae_lib.kl_loss(mean, logvar)
-      loss = l1 + kl_weight * kl
-      aux = {"l1": l1, "kl": kl, "psnr": metrics_lib.psnr(jnp.clip(recon, -1, 1), x)}
-      if lpips_weight > 0:  # static: no AlexNet in the graph when it is off
-        aux["lpips"] = metrics_lib.lpips(recon, x)
-        loss = loss + lpips_weight * aux["lpips"]
+      mean, logvar = model.encode(x)
+      z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+      features = model.decode_features(z)
+      recon = model.decode_head(features)
+      rec, aux = reconstruction_loss(recon)
+      aux["kl"] = vae_lib.kl_loss(mean, logvar)
+      aux["psnr"] = metrics_lib.psnr(jnp.clip(recon, -1, 1), x)
+      loss = rec + kl_weight * aux["kl"]
+      if disc_weight > 0:
+        on = (state.step >= disc_start).astype(jnp.float32)
+        d_graph, d_state = nnx.split(model.discriminator)
+        frozen = nnx.merge(d_graph, jax.lax.stop_gradient(d_state))  # generator loss: VAE weights only
+        # Adaptive weight: gradient norms of both losses w.r.t. the decoder's last conv kernel alone.
+        feats, kernel = jax.lax.stop_gradient((features, model.dec_out.kernel[...]))
+        head = lambda k: model.decode_head(feats, kernel=k)
+        g_rec = jax.grad(lambda k: reconstruction_loss(head(k))[0])(kernel)
+        g_gan = jax.grad(lambda k: disc_lib.generator_loss(frozen(head(k))))(kernel)
+        weight = disc_weight * disc_lib.adaptive_weight(g_rec, g_gan) * on
+        aux["gen"] = disc_lib.generator_loss(frozen(recon))
+        # Discriminator loss: its own weights only (reconstructions are stopped).
+        aux["disc"] = disc_lib.hinge_d_loss(model.discriminator(x),
+                                            model.discriminator(jax.lax.stop_gradient(recon)))
+        aux["gan_weight"] = weight
+        loss = loss + weight * aux["gen"] + on * aux["disc"]
       return loss, aux
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -1,0 +1,131 @@
+r"""Encode + decode time and peak memory: sora_jax's VAE vs diffusers `AutoencoderKLWan`, side by side.
+
+  JAX_PLATFORMS=cpu PYTHONPATH=. .venv/bin/python tools/bench_vae.py --ref_python=/tmp/refvenv/bin/python \
+      --base=96 --sizes=17x128x128,33x128x128
+
+Both models: random weights, Wan2.1's shape (base `--base`, mults 1/2/4/4, 2 res blocks, time halved at the
+two deepest downsamples, 16 latent channels, 4x8x8). Each (implementation, size) runs in its own process;
+time is the best of `--repeats` after one warm-up pass (JAX's compile excluded) and `peak_rss_mb` is the
+process's peak RSS during the timed passes (the high-water mark is reset after the warm-up, so XLA's
+compile does not count; `lifetime_peak_rss_mb` includes it). Ours encodes and decodes chunked (first frame alone, then one latent frame per chunk), as
+diffusers does. The ref venv needs torch (CPU) and diffusers; with `--ref_python=''` only ours runs.
+Last line: one JSON object with `time_ratio` and `peak_memory_ratio` (ours / peer, at the first size).
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+
+def _peak_rss_mb() -> float:
+  """Lifetime peak RSS of this process (for ours it includes XLA's compile)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _reset_peak_rss() -> None:
+  """Restarts the kernel's high-water mark (VmHWM), so the next reading covers only the timed passes."""
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+
+
+def _pass_peak_rss_mb() -> float:
+  with open("/proc/self/status") as f:
+    return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024.0
+
+
+def _time(fn, repeats: int) -> dict:
+  """Best-of-`repeats` seconds after one warm-up, and the peak RSS of the timed passes alone."""
+  fn()
+  _reset_peak_rss()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return {"seconds": min(times), "peak_rss_mb": _pass_peak_rss_mb(), "lifetime_peak_rss_mb": _peak_rss_mb()}
+
+
+def run_ours(args, t, h, w) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from sora_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
+  with nnx.use_eager_sharding(False):
+    model = nnx.jit(lambda: vae_lib.VAE(
+        base_channels=args.base, channel_mults=(1, 2, 4, 4), num_res_blocks=2,
+        temporal_downsample=(False, True, True), latent_channels=16, mid_attention=True, pad_mode="zeros",
+        rngs=nnx.Rngs(0)))()
+  graphdef, state = nnx.split(model)
+  chunk = args.chunk or None
+
+  @jax.jit
+  def encode_decode(state, x):
+    m = nnx.merge(graphdef, state)
+    mean, _ = m.encode(x, chunk=chunk)
+    return m.decode(mean, chunk=chunk)
+
+  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, t, h, w, 3)).astype(np.float32))
+  return _time(lambda: jax.block_until_ready(encode_decode(state, x)), args.repeats)
+
+
+def run_peer(args, t, h, w) -> dict:
+  import torch  # pylint: disable=g-import-not-at-top
+  from diffusers import AutoencoderKLWan  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  model = AutoencoderKLWan(base_dim=args.base, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                           attn_scales=[], temperal_downsample=[False, True, True]).eval()
+  x = torch.rand(1, 3, t, h, w) * 2 - 1
+
+  def encode_decode():
+    with torch.no_grad():
+      mean = model.encode(x).latent_dist.mean
+      return model.decode(mean).sample
+
+  return _time(encode_decode, args.repeats)
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--base", type=int, default=96)
+  p.add_argument("--sizes", default="17x128x128,33x128x128")
+  p.add_argument("--repeats", type=int, default=2)
+  p.add_argument("--chunk", type=int, default=1, help="latent frames per chunk (0: full pass)")
+  p.add_argument("--ref_python", default="/tmp/refvenv/bin/python")
+  p.add_argument("--worker", default="", help="internal: ours|peer:TxHxW")
+  args = p.parse_args()
+
+  if args.worker:
+    impl, size = args.worker.split(":")
+    t, h, w = (int(v) for v in size.split("x"))
+    print(json.dumps((run_ours if impl == "ours" else run_peer)(args, t, h, w)))
+    return
+
+  common = ["--base", str(args.base), "--repeats", str(args.repeats), "--chunk", str(args.chunk)]
+  results = {}
+  for size in args.sizes.split(","):
+    for impl, python in [("ours", sys.executable), ("peer", args.ref_python)]:
+      if not python:
+        continue
+      env = dict(os.environ, JAX_PLATFORMS="cpu")
+      out = subprocess.run([python, __file__, "--worker", f"{impl}:{size}", *common], env=env, check=True,
+                           capture_output=True, text=True).stdout
+      results[f"{impl}/{size}"] = json.loads(out.strip().splitlines()[-1])
+      print(impl, size, results[f"{impl}/{size}"], flush=True)
+  summary = {"base": args.base, "chunk": args.chunk, "runs": results}
+  for size in args.sizes.split(","):
+    if f"peer/{size}" in results:
+      ours, peer = results[f"ours/{size}"], results[f"peer/{size}"]
+      summary[f"time_ratio/{size}"] = ours["seconds"] / peer["seconds"]
+      summary[f"peak_memory_ratio/{size}"] = ours["peak_rss_mb"] / peer["peak_rss_mb"]
+  first = args.sizes.split(",")[0]
+  summary["time_ratio"] = summary.get(f"time_ratio/{first}")
+  summary["peak_memory_ratio"] = summary.get(f"peak_memory_ratio/{first}")
+  print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+  main()
