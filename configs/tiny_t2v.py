@@ -14,7 +14,7 @@ from sora_jax import configs_lib
 
 def get_config(arg=None):
   arg = configs_lib.parse_arg(
-      arg, runlocal=False, variable=True, vae_steps=300, dit_steps=1500, width=144, depth=6,
+      arg, runlocal=False, variable=True, vae_steps=500, dit_steps=1400, width=144, depth=6,
       encode_samples=2000, res=32)
   c = configs_lib.ml_collections.ConfigDict()
   c.mode = "all"
@@ -45,8 +45,9 @@ def get_config(arg=None):
       mid_attention=False,
   )
   c.train_vae = dict(
-      steps=arg.vae_steps, batch_size=8, lr=5e-4, warmup_steps=30, weight_decay=0.0, grad_clip=1.0,
-      kl_weight=1e-6, lpips_weight=0.0, disc_weight=0.0, disc_start=0, disc_channels=64, disc_layers=3, sizes=[(9, r, r), (1, r, r)], size_weights=[0.8, 0.2],
+      steps=arg.vae_steps, batch_size=8, lr=1e-3, warmup_steps=30, weight_decay=0.0, grad_clip=1.0,
+      kl_weight=1e-6, l2_weight=1.0, lpips_weight=0.0, disc_weight=0.0, disc_start=0, disc_channels=64,
+      disc_layers=3, sizes=[(9, r, r), (1, r, r)], size_weights=[0.8, 0.2],
       log_every=50, ckpt_every=500, keep=2)
   c.encode = dict(num_samples=arg.encode_samples, batch_size=32)
   c.text = dict(encoder="trainable", tokenizer="words", max_len=16, width=128, depth=2, num_heads=4)

@@ -102,6 +102,7 @@ def make_train_step(config, graphdef, tx, shardings):
   cfg = config.train_vae
   kl_weight = cfg.kl_weight
   lpips_weight = float(cfg.get("lpips_weight", 0.0))
+  l2_weight = float(cfg.get("l2_weight", 0.0))
   disc_weight = float(cfg.get("disc_weight", 0.0))
   disc_start = int(cfg.get("disc_start", 0))
   lr_fn = optim.schedule(cfg)
@@ -113,10 +114,16 @@ def make_train_step(config, graphdef, tx, shardings):
 
     def reconstruction_loss(recon):
       l1 = jnp.mean(jnp.abs(recon - x))
+      # An L2 term pulls small objects out of the background early on: L1 alone is median-seeking, and the
+      # median of a pixel that an object crosses briefly is the background.
+      loss, terms = l1, {"l1": l1}
+      if l2_weight:
+        terms["l2"] = jnp.mean(jnp.square(recon - x))
+        loss = loss + l2_weight * terms["l2"]
       if lpips_weight == 0:  # static: no AlexNet in the graph when it is off
-        return l1, {"l1": l1}
-      lp = metrics_lib.lpips(recon, x)
-      return l1 + lpips_weight * lp, {"l1": l1, "lpips": lp}
+        return loss, terms
+      terms["lpips"] = metrics_lib.lpips(recon, x)
+      return loss + lpips_weight * terms["lpips"], terms
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params, state.rest)
