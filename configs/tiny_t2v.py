@@ -61,7 +61,7 @@ def get_config(arg=None):
   c.train_dit = dict(
       steps=arg.dit_steps, batch_size=4, seq_len=320, text_seq_len=128, max_segments=8,
       lr=5e-4, warmup_steps=200, weight_decay=0.01, grad_clip=1.0, ema_decay=0.999,
-      caption_dropout=0.1, eval_every=0, log_every=50, ckpt_every=1000, keep=2, num_packing_bins=16)
+      caption_dropout=0.1, token_drop_rate=0.0, eval_every=0, log_every=50, ckpt_every=1000, keep=2, num_packing_bins=16)
   # Frame conditioning in training (image-to-video, extension, connecting): a mask strategy per segment.
   c.cond = dict(mask_ratios=dict(none=0.5, first=0.1, last=0.05, first_last=0.05, prefix=0.15, suffix=0.05,
                                  random=0.1))

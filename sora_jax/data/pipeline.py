@@ -78,6 +78,7 @@ class LatentToFeatures(grain.transforms.RandomMap):
   caption_dropout: float
   tokenizer: str = "bytes"
   tokenizer_path: str | None = None
+  token_drop_rate: float = 0.0  # NaViT token dropping (coords travel with the kept tokens)
 
   def random_map(self, example: dict, rng: np.random.Generator) -> dict:
     caption = example["caption"]
@@ -86,9 +87,10 @@ class LatentToFeatures(grain.transforms.RandomMap):
     if self.caption_dropout > 0 and rng.random() < self.caption_dropout:
       caption = ""
     tokens, coords, grid = packing.patchify(np.asarray(example["latent"], np.float32), self.patch_size)
-    return packing.sample_features(tokens, coords, grid, text_lib.tokenize(caption, self.max_text_len, self.tokenizer,
-                                                                       self.tokenizer_path),
-                                   example["labels"], _int_id(example.get("source_id", 0)))
+    tokens, coords = packing.drop_tokens(tokens, coords, self.token_drop_rate, rng)
+    text = text_lib.tokenize(caption, self.max_text_len, self.tokenizer, self.tokenizer_path)
+    return packing.sample_features(tokens, coords, grid, text, example["labels"],
+                                   _int_id(example.get("source_id", 0)))
 
 
 def _int_id(source_id) -> int:
@@ -104,7 +106,7 @@ def dit_dataset(config, source: grain.MapDataset, *, seed: int, batch_size: int)
   ds = _per_host(source).shuffle(seed=seed).repeat()
   ds = ds.random_map(LatentToFeatures(tuple(config.dit.patch_size), config.text.max_len, t.caption_dropout,
                                       config.text.get("tokenizer", "bytes"),
-                                      config.text.get("path") or None),
+                                      config.text.get("path") or None, t.get("token_drop_rate", 0.0)),
                      seed=seed + 1)
   it = prefetch(ds.to_iter_dataset(), config.data.num_workers)
   it = packing.pack(it, seq_len=t.seq_len, text_seq_len=t.text_seq_len, max_segments=t.max_segments,

@@ -70,3 +70,18 @@ def test_size_policies_keep_aspect_and_divisibility():
                                 max_frames=17)
     assert 112 <= min(h, w) <= 256 and f <= 17 and (f - 1) % 4 == 0 and abs(w / h - 4 / 3) < 0.15
   assert sizes.native_size((1, 64, 64), grid, max_tokens=100) == (1, 64, 64)
+
+
+def test_pipeline_token_dropping_is_deterministic_and_consistent():
+  from sora_jax.data import pipeline
+  lat = np.random.default_rng(0).standard_normal((3, 4, 4, 2)).astype(np.float32)
+  example = {"latent": lat, "caption": "a red circle", "labels": np.zeros(6, np.int32), "source_id": 3}
+  fn = pipeline.LatentToFeatures((1, 2, 2), 16, 0.0, "words", None, 0.5)
+  a = fn.random_map(example, np.random.default_rng(1))
+  b = fn.random_map(example, np.random.default_rng(1))
+  np.testing.assert_array_equal(a["tokens"], b["tokens"])
+  assert len(a["tokens"]) == 6 and tuple(a["grid"][0]) == (3, 2, 2)  # the grid keeps the full sample size
+  full, coords, _ = packing.patchify(lat, (1, 2, 2))
+  for tok, c in zip(a["tokens"], a["coords"]):
+    k = int(np.flatnonzero((coords == c).all(-1))[0])
+    np.testing.assert_array_equal(tok, full[k])
