@@ -118,8 +118,9 @@ def test_every_mode_pins_its_given_frames(setup):
   prompts = [generate.check_prompt(p, config, f"prompt {i}") for i, p in enumerate(prompts)]
   latents, conds, _ = generate.sample_latents(config, models, mesh, prompts)
   given = {p["mode"]: c["given"].nonzero()[0].tolist() for p, c in zip(prompts, conds) if p["mode"] != "sdedit"}
-  assert given == {"t2i": [], "i2v": [0], "extend_forward": [0], "extend_backward": [2], "connect": [0, 2],
-                   "loop": [0, 2]}
+  # 9 frames -> 5 latent frames (2x temporal VAE); extension and connect give half of them by default.
+  assert given == {"t2i": [], "i2v": [0], "extend_forward": [0, 1], "extend_backward": [3, 4],
+                   "connect": [0, 1, 3, 4], "loop": [0, 4]}
   assert latents[0].shape[0] == 1
   for z, c in zip(latents, conds):
     np.testing.assert_array_equal(z[c["given"]], c["x0"][c["given"]])  # exactly, in latent space
@@ -156,7 +157,7 @@ def test_read_prompts(tmp_path):
       '{"prompt": "x", "mode": "zoom"}': r"prompts.jsonl:1: field 'mode'='zoom' is unknown",
       '{"prompt": "x", "mode": "i2v"}': r"prompts.jsonl:1: mode 'i2v' needs field 'image' or 'video'",
       '{"prompt": "x", "mode": "i2v", "image": "nope.png"}': r"prompts.jsonl:1: field 'image': no such file",
-      '{"prompt": "x", "frames": 8}': r"prompts.jsonl:1: field 'frames'=8 must be 1 \+ 4\*k",
+      '{"prompt": "x", "frames": 8}': r"prompts.jsonl:1: field 'frames'=8 must be 1 \+ 2\*k",
       '{"prompt": "x", "strength": 0.5}': r"field 'strength' only applies to mode 'sdedit'",
       '{"prompt": "x", "guidance": -1}': r"field 'guidance'=-1 must be a number",
       '{"prompt": "x", "solver": "rk4"}': r"field 'solver'='rk4' is unknown",

@@ -90,7 +90,7 @@ def test_strategy_probs():
 class _ZeroModel:
   """Records what the loss feeds the denoiser and predicts zero velocity."""
 
-  def encode_text(self, text, seg, pos, num_segments):
+  def encode_text(self, text, seg, pos, num_segments, labels=None):
     return jnp.zeros(text.shape + (2,)), jnp.zeros((text.shape[0], num_segments, 2))
 
   def __call__(self, x_t, coords, seg, t_table, text, text_seg, pooled, cond_mask=None):
