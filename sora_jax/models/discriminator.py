@@ -23,7 +23,7 @@ class PatchDiscriminator3D(nnx.Module):
       # Time is halved from the second layer on (first frame alone), space at every layer.
       convs.append(vae_lib.CausalConv3d(ch, out, strides=(2 if i else 1, 2, 2), in_axis=None if i == 0 else
                                         "conv_in", dtype=dtype, rngs=rngs))
-      norms.append(vae_lib.RMSNorm(out, dtype=dtype, rngs=rngs) if i else None)
+      norms.append(vae_lib.channel_norm(out) if i else None)
       ch = out
     self.convs = nnx.List(convs)
     self.norms = nnx.List(norms)

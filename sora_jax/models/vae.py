@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sora_jax.models import layers
+
 CONV_KERNEL_AXES = ("conv_kt", "conv_kh", "conv_kw", "conv_in", "conv_out")
 LOGVAR_RANGE = (-30.0, 20.0)
 
@@ -138,19 +140,9 @@ class CausalConv3d(nnx.Module):
     return y + self.bias[...].astype(self.dtype)
 
 
-class RMSNorm(nnx.Module):
-  """RMS norm over channels at each (t, h, w): per-position, so it can never leak future frames."""
-
-  def __init__(self, channels: int, *, eps: float = 1e-6, dtype=jnp.float32, rngs: nnx.Rngs):
-    self.scale = nnx.Param(nnx.with_partitioning(nnx.initializers.ones_init(), ("conv_out",))(
-        rngs.params(), (channels,)))
-    self.eps = eps
-    self.dtype = dtype
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale[...]).astype(self.dtype)
+def channel_norm(channels: int) -> layers.RMSNorm:
+  """RMS norm over channels at each (t, h, w): per position, so it can never leak future frames."""
+  return layers.RMSNorm(channels, names=("conv_out",))
 
 
 class ResBlock(nnx.Module):
@@ -158,9 +150,9 @@ class ResBlock(nnx.Module):
 
   def __init__(self, in_channels: int, out_channels: int, *, pad_mode: str = "replicate", dtype=jnp.float32,
                rngs: nnx.Rngs):
-    self.norm1 = RMSNorm(in_channels, dtype=dtype, rngs=rngs)
+    self.norm1 = channel_norm(in_channels)
     self.conv1 = CausalConv3d(in_channels, out_channels, pad_mode=pad_mode, dtype=dtype, rngs=rngs)
-    self.norm2 = RMSNorm(out_channels, dtype=dtype, rngs=rngs)
+    self.norm2 = channel_norm(out_channels)
     self.conv2 = CausalConv3d(out_channels, out_channels, zero_init=True, pad_mode=pad_mode, dtype=dtype,
                               rngs=rngs)
     self.skip = (CausalConv3d(in_channels, out_channels, kernel_size=(1, 1, 1), dtype=dtype, rngs=rngs)
@@ -178,7 +170,7 @@ class SpatialAttention(nnx.Module):
 
   def __init__(self, channels: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
     axes = ("conv_in", "conv_out")
-    self.norm = RMSNorm(channels, dtype=dtype, rngs=rngs)
+    self.norm = channel_norm(channels)
     self.qkv = nnx.Param(nnx.with_partitioning(nnx.initializers.lecun_normal(), axes)(
         rngs.params(), (channels, 3 * channels)))
     # Zero output projection: the block is the identity at init.
@@ -282,7 +274,7 @@ class VAE(nnx.Module):
         enc.append(Downsample(ch, temporal=temporal_downsample[i], spatial=spatial_downsample[i], **kw))
     self.enc_blocks = nnx.List(enc)
     self.enc_mid = nnx.List(self._mid(ch, mid_attention, kw))
-    self.enc_norm = RMSNorm(ch, dtype=dtype, rngs=rngs)
+    self.enc_norm = channel_norm(ch)
     self.enc_out = CausalConv3d(ch, 2 * latent_channels, out_axis=None, **kw)
 
     # Decoder mirrors it with one extra ResBlock per level (the LDM habit: decoding is the harder half).
@@ -297,7 +289,7 @@ class VAE(nnx.Module):
       if i > 0:
         dec.append(Upsample(ch, temporal=temporal_downsample[i - 1], spatial=spatial_downsample[i - 1], **kw))
     self.dec_blocks = nnx.List(dec)
-    self.dec_norm = RMSNorm(ch, dtype=dtype, rngs=rngs)
+    self.dec_norm = channel_norm(ch)
     self.dec_out = CausalConv3d(ch, pixel_channels, out_axis=None, **kw)
 
     self.latent_mean = LatentStats(jnp.zeros((latent_channels,), jnp.float32))
