@@ -125,6 +125,13 @@ def _strip_prefix(tensors: dict[str, np.ndarray], prefixes) -> dict[str, np.ndar
   return out
 
 
+def _put(w: dict, path: str, variable: nnx.Variable, key: str, transform=lambda a: a):
+  """Assigns safetensors weight `key` (transformed) to `variable`; names the file when it is missing."""
+  if key not in w:
+    raise ValueError(f"{path}: weight {key} missing from the safetensors")
+  _assign(variable, transform(w[key]), key, path)
+
+
 def _assign(variable: nnx.Variable, value: np.ndarray, key: str, path: str):
   """Sets `variable` to `value` (same shape), keeping its sharding."""
   if tuple(variable.shape) != tuple(value.shape):
@@ -215,10 +222,7 @@ class MiniLM(nnx.Module):
     """Fills the variables from the BERT safetensors in `path` (HF `BertModel` names)."""
     w = _strip_prefix(_read_tensors(path), ("bert.", "model.", "0.auto_model."))
 
-    def put(variable, key, transform=lambda a: a):
-      if key not in w:
-        raise ValueError(f"{path}: weight {key} missing from the safetensors")
-      _assign(variable, transform(w[key]), key, path)
+    put = functools.partial(_put, w, path)
 
     def dense(layer, key):
       # HF Linear stores [out, in]; Dense contracts the leading axes of [in..., out...].
@@ -346,10 +350,7 @@ class T5Encoder(nnx.Module):
     """Fills the variables from HF T5/umT5 safetensors in `path` (encoder weights; decoder keys ignored)."""
     w = _read_tensors(path)
 
-    def put(variable, key, transform=lambda a: a):
-      if key not in w:
-        raise ValueError(f"{path}: weight {key} missing from the safetensors")
-      _assign(variable, transform(w[key]), key, path)
+    put = functools.partial(_put, w, path)
 
     def dense(layer, key):
       put(layer.kernel, f"{key}.weight", lambda a: a.T.reshape(layer.kernel.shape))
