@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import math
+import re
 
 import ml_collections
 
@@ -71,6 +72,42 @@ def vae_strides(vae) -> tuple[int, int]:
           int(vae.get("patch_size", 1)) * 2 ** sum(bool(x) for x in spatial))
 
 
+def _validate_mixture(config) -> None:
+  """config.data.mixture: a list of parts {source, weight, path (file and latent kinds), name, data fields}."""
+  parts = config.data.get("mixture")
+  if not parts:
+    return
+  from sora_jax.data import sources  # noqa: PLC0415 (keeps config parsing import-light)
+  if not isinstance(parts, (list, tuple)):
+    _fail("data.mixture", parts, "must be a list of dicts, e.g. [dict(source='folder', path=..., weight=0.7)]")
+  allowed = ("source", "path", "weight", "name") + sources.PART_FIELDS
+  names = set()
+  for k, part in enumerate(parts):
+    field = f"data.mixture[{k}]"
+    if not hasattr(part, "keys"):
+      _fail(field, part, "must be a dict like dict(source='synthetic', weight=0.3)")
+    unknown = sorted(set(part.keys()) - set(allowed))
+    if unknown:
+      _fail(f"{field}.{unknown[0]}", part[unknown[0]], f"unknown mixture field; known: {allowed}")
+    kind = part.get("source")
+    if kind not in sources.MIXTURE_KINDS:
+      _fail(f"{field}.source", kind, f"unknown source kind; choose one of {sources.MIXTURE_KINDS}")
+    weight = part.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+      _fail(f"{field}.weight", weight, "must be a positive finite number")
+    if kind != "synthetic" and not part.get("path"):
+      _fail(f"{field}.path", part.get("path", ""), f"is required for source {kind!r}")
+    name = part.get("name", f"{kind}_{k}")
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+      _fail(f"{field}.name", name, "must be snake_case (it names the part's latent cache)")
+    if name in names:
+      _fail(f"{field}.name", name, "is used by an earlier part; names must be unique")
+    names.add(name)
+  if config.get("mode") in ("train_vae", "encode", "all") and all(p.get("source") == "latents" for p in parts):
+    _fail("data.mixture", [p.get("source") for p in parts],
+          f"mode {config.mode!r} needs pixels: add a synthetic, folder or tfds part")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks a resolved config before anything compiles; raises ConfigError naming the field."""
   if config.get("mode") is not None and config.mode not in MODES:
@@ -106,6 +143,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if tokens > config.train_dit.seq_len:
       _fail("train_dit.seq_len", config.train_dit.seq_len,
             f"shorter than the {tokens} tokens of data.sizes[{i}]={(t, h, w)}")
+  _validate_mixture(config)
   # DiT.
   dit = config.dit
   for f in ("dit.width", "dit.depth", "dit.num_heads", "dit.mlp_ratio"):

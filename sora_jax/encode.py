@@ -4,6 +4,10 @@ The dataset is `config.data.source`: 'synthetic' (config.encode.num_samples clip
 (every file of config.data.path, config.encode.clips_per_video clips each, sized by the data size policy;
 bad files are skipped and counted, see `sources`). Clips are grouped by size so every VAE call gets a dense
 batch; latents are stored normalised by the VAE's per-channel statistics, ready for the DiT.
+
+With `config.data.mixture`, each synthetic/folder/tfds part is encoded into its own cache,
+`<workdir>/latents/<part name>`, so the DiT can mix the caches with the parts' weights ('latents' parts are
+caches already and are left alone).
 """
 from __future__ import annotations
 
@@ -65,16 +69,27 @@ def encode_source(config):
 
 
 def encode(config, workdir: str, mesh) -> dict:
-  """Encodes the clips of config.data.source into `<workdir>/latents`; returns a summary."""
+  """Encodes config.data.source (or each pixel part of config.data.mixture) into `<workdir>/latents`."""
   graphdef, params, rest = train_vae.restore(config, workdir, mesh)
   encode_fn = train_vae.make_encode_fn(graphdef, mesh)
+  parts = [p for p in sources.mixture(config) if p["source"] != "latents"]
+  if not sources.mixture(config):
+    return _encode_cache(config, workdir, mesh, encode_fn, params, rest, name="latent_cache")
+  out = {p["name"]: _encode_cache(sources.part_config(config, p), workdir, mesh, encode_fn, params, rest,
+                                  name=p["name"]) for p in parts}
+  return {"parts": out, "num_examples": sum(r["num_examples"] for r in out.values()),
+          "skipped": sum(r["skipped"] for r in out.values()), "seconds": sum(r["seconds"] for r in out.values())}
+
+
+def _encode_cache(config, workdir: str, mesh, encode_fn, params, rest, *, name: str) -> dict:
+  """Encodes the clips of config.data.source into the cache `<workdir>/latents/<name>`; returns a summary."""
   source = encode_source(config)
   t0 = time.perf_counter()
   with mesh_lib.use(mesh, mesh_lib.VAE_RULES):
     path = latent_cache.write_latent_cache(
         train_dit.latent_dir(workdir),
         _examples(config, source, encode_fn, params, rest, mesh, config.encode.batch_size),
-        latent_channels=config.vae.latent_channels,
+        latent_channels=config.vae.latent_channels, name=name,
         metadata={"vae": config.vae.to_dict(), "sizes": [list(s) for s in config.data.sizes],
                   "normalized": True, "source": config.data.source, "path": config.data.get("path", "")},
         overwrite=True)

@@ -48,7 +48,7 @@ def vae_dataset(config, *, seed: int, batch_size: int) -> grain.IterDataset:
   skipped (see `sources`), so those sizes are batched after dropping them.
   """
   sizes, weights = config.train_vae.sizes, config.train_vae.size_weights
-  if config.data.source == "synthetic":
+  if config.data.source == "synthetic" and not sources.mixture(config):
     per_size = []
     for k, size in enumerate(sizes):
       src = synthetic.SyntheticVideos(SYNTHETIC_LENGTH, [tuple(size)], split="train", seed=seed + 7919 * k)
@@ -100,10 +100,18 @@ def _int_id(source_id) -> int:
   return int(source_id)
 
 
-def dit_dataset(config, source: grain.MapDataset, *, seed: int, batch_size: int) -> grain.IterDataset:
-  """Packed rows of latent patches from a latent source, batched [B, ...] (see docs/ARCHITECTURE.md)."""
+def dit_dataset(config, source: grain.MapDataset | Sequence[grain.MapDataset], *, seed: int, batch_size: int,
+                weights: Sequence[float] | None = None) -> grain.IterDataset:
+  """Packed rows of latent patches from a latent source, batched [B, ...] (see docs/ARCHITECTURE.md).
+
+  `source` may be a list of latent sources mixed by `weights` (config.data.mixture): each is host-sharded,
+  shuffled (source k with seed + 7919 k) and repeated on its own, then `grain.MapDataset.mix` interleaves
+  them in proportion, so the mixture stays a MapDataset and the checkpointed iterator resumes it exactly.
+  """
   t = config.train_dit
-  ds = _per_host(source).shuffle(seed=seed).repeat()
+  parts = list(source) if isinstance(source, (list, tuple)) else [source]
+  parts = [_per_host(p).shuffle(seed=seed + 7919 * k).repeat() for k, p in enumerate(parts)]
+  ds = sources.mix(parts, list(weights) if weights is not None else [1.0] * len(parts))
   ds = ds.random_map(LatentToFeatures(tuple(config.dit.patch_size), config.text.max_len, t.caption_dropout,
                                       config.text.get("tokenizer", "bytes"),
                                       config.text.get("path") or None, t.get("token_drop_rate", 0.0)),

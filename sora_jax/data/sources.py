@@ -6,6 +6,14 @@ Kinds (`config.data.source`):
   tfds       `config.data.path`: a dataset written by `tfds_builders.video_folder` (mp4 bytes or frames).
   latents    a latent cache (`latent_cache.LatentCacheSource`), for the DiT.
 
+Weighted mixtures (`config.data.mixture`, a list of dicts each naming a `source` kind, a `weight` and that
+kind's `path`, plus optional per-part data fields such as `frame_stride`, `fps` or `max_skip_fraction`)
+combine any of these kinds, e.g. images and videos, or datasets of different quality. Each part is its own
+dataset (host shard -> shuffle -> repeat -> decode, seeded per part) and `grain.MapDataset.mix` interleaves
+them in exact proportion to the weights; the result is still a MapDataset deterministic by index, so the
+iterator state (one index) resumes it exactly. Pixel kinds feed the VAE and `--mode=encode` (one latent
+cache per part); 'latents' parts, and the caches encoded from pixel parts, feed the DiT with the same weights.
+
 Folder and tfds sources index cheap *records* (`path`, `caption`, `index`, maybe `data`/`frames`); `DecodeClip`
 turns a record into a pixel example `{video uint8 [T, H, W, 3], caption, labels, index}` after shuffle and
 repeat, so worker processes do the decoding. The clip's size comes from a `SizePolicy`, a function
@@ -35,6 +43,12 @@ from sora_jax.data import synthetic
 from sora_jax.data import video_io
 
 KINDS = ("synthetic", "folder", "tfds")
+# Kinds a `config.data.mixture` part may name: the pixel kinds plus latent caches (DiT input only).
+MIXTURE_KINDS = KINDS + ("latents",)
+# Fields of a mixture part beyond source/path/weight/name: they override config.data for that part.
+PART_FIELDS = ("clip_sampling", "frame_stride", "fps", "max_skip_fraction", "size_policy", "res")
+# Seed offset between mixture parts (other offsets: 7919 between VAE sizes).
+_PART_SEED = 104729
 CAPTION_FILES = ("captions.csv", "captions.jsonl")
 # Label width of every pixel example, so packed `labels` tables keep one shape whatever the source.
 NUM_LABELS = len(synthetic.ATTRIBUTE_NAMES)
@@ -394,9 +408,20 @@ def pixel_dataset(config, *, split: str = "train", seed: int, size: Sequence[int
 
   File sources: records -> (host shard) -> (shuffle) -> (repeat) -> decode; bad samples are None (dropped by
   `to_iter_dataset`), sized by `size` if given, else `policy`, else `size_policy(config)`. Synthetic:
-  `num_samples` procedural clips at `size` or config.data.sizes.
+  `num_samples` procedural clips at `size` or config.data.sizes. With `config.data.mixture`, the pixel parts
+  each built so (part k seeded `seed + 104729 k`) and mixed by weight (see the module docstring).
   """
   import jax
+  parts = [p for p in mixture(config) if p["source"] != "latents"]
+  if parts:
+    datasets = [pixel_dataset(part_config(config, p), split=split, seed=seed + _PART_SEED * k, size=size,
+                              policy=policy, shuffle=shuffle, repeat=repeat, shard=shard,
+                              num_samples=num_samples, name=f"{name} [{p['name']}]")
+                for k, p in enumerate(parts)]
+    return mix(datasets, [p["weight"] for p in parts])
+  if mixture(config):
+    raise ValueError("config.data.mixture has only 'latents' parts: pixel stages (train_vae, encode) need "
+                     "a synthetic, folder or tfds part")
   kind = config.data.source
   if size is not None:
     policy = fixed_size(size)
@@ -433,3 +458,30 @@ def mix(datasets: Sequence[grain.MapDataset], weights: Sequence[float]) -> grain
   if len(datasets) != len(weights) or not datasets or min(weights) <= 0:
     raise ValueError(f"mixture weights {list(weights)} must be positive, one per dataset ({len(datasets)})")
   return grain.MapDataset.mix(list(datasets), weights=list(weights)) if len(datasets) > 1 else datasets[0]
+
+
+# ---------------------------------------------------------------------------------------------- mixtures
+
+def mixture(config) -> list[dict]:
+  """The parts of `config.data.mixture` as dicts with `name` filled in (`<source>_<k>`); [] without one."""
+  parts = config.data.get("mixture") or []
+  out = []
+  for k, part in enumerate(parts):
+    part = dict(part)
+    part.setdefault("name", f"{part.get('source', 'part')}_{k}")
+    part["weight"] = float(part.get("weight", 1.0))
+    out.append(part)
+  return out
+
+
+def part_config(config, part: dict):
+  """A copy of `config` whose data section is one mixture part (its fields over config.data, no mixture)."""
+  import copy
+  c = copy.deepcopy(config)
+  with c.unlocked():
+    fields = {k: v for k, v in part.items() if k not in ("weight", "name")}
+    fields.setdefault("path", "")
+    data = {k: v for k, v in c.data.items() if k != "mixture"}
+    data.update(fields)
+    c.data = data
+  return c

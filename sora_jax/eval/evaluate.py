@@ -37,7 +37,7 @@ DEFAULT_TIMESTEPS = (0.1, 0.3, 0.5, 0.7, 0.9)
 # ------------------------------------------------------------------------------------ validation loss
 def validation_batches(config, workdir: str) -> list[dict]:
   """Packed batches of the first `config.eval.val_samples` latent-cache examples, in order, captions kept."""
-  source = train_dit.latent_source(workdir)
+  source = train_dit.latent_source(workdir, config)
   n = min(len(source), config.eval.get("val_samples", 64))
   to_features = pipeline.LatentToFeatures(tuple(config.dit.patch_size), config.text.max_len, 0.0,
                                           config.text.get("tokenizer", "bytes"))

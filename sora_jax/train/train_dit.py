@@ -19,6 +19,7 @@ from flax import nnx
 from sora_jax.data import latent_cache
 from sora_jax.data import packing
 from sora_jax.data import pipeline
+from sora_jax.data import sources
 from sora_jax.diffusion import flow
 from sora_jax.diffusion import masks
 from sora_jax.models import t2v
@@ -107,11 +108,48 @@ def denoiser_loss(model, batch, rng, config):
   return loss
 
 
-def latent_source(workdir: str) -> grain.MapDataset:
-  path = latent_cache.dataset_path(latent_dir(workdir))
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"no latent cache at {path}: run --mode=encode first")
-  return grain.MapDataset.source(latent_cache.LatentCacheSource(path))
+def latent_parts(config, workdir: str) -> list[tuple[str, str, float]]:
+  """(name, latent cache path, weight) of each input of the DiT.
+
+  Without `config.data.mixture`: the one cache `--mode=encode` wrote. With one: per part, its `path` for a
+  'latents' part, else the cache `--mode=encode` wrote for that part (`<workdir>/latents/<name>`).
+  """
+  parts = sources.mixture(config)
+  if not parts:
+    return [("latent_cache", latent_cache.dataset_path(latent_dir(workdir)), 1.0)]
+  return [(p["name"], os.path.expanduser(p["path"]) if p["source"] == "latents"
+           else latent_cache.dataset_path(latent_dir(workdir), p["name"]), p["weight"]) for p in parts]
+
+
+def latent_caches(config, workdir: str) -> tuple[list[latent_cache.LatentCacheSource], list[float]]:
+  """The DiT's latent caches, opened, and their mixing weights."""
+  caches, weights = [], []
+  for name, path, weight in latent_parts(config, workdir):
+    if not os.path.exists(path):
+      part = f" (config.data.mixture part {name!r})" if sources.mixture(config) else ""
+      raise FileNotFoundError(f"no latent cache at {path}{part}: run --mode=encode first")
+    caches.append(latent_cache.LatentCacheSource(path))
+    weights.append(weight)
+  return caches, weights
+
+
+def latent_source(workdir: str, config=None) -> grain.MapDataset:
+  """The DiT's latents in a fixed order (validation): the one cache, or the mixture's parts interleaved by
+  weight without shuffling when `config` has a `data.mixture`."""
+  if config is None or not sources.mixture(config):
+    path = latent_cache.dataset_path(latent_dir(workdir))
+    if not os.path.isdir(path):
+      raise FileNotFoundError(f"no latent cache at {path}: run --mode=encode first")
+    return grain.MapDataset.source(latent_cache.LatentCacheSource(path))
+  caches, weights = latent_caches(config, workdir)
+  return sources.mix([grain.MapDataset.source(c) for c in caches], weights)
+
+
+def dit_input(config, workdir: str, *, seed: int, batch_size: int) -> grain.IterDataset:
+  """The training pipeline over `latent_caches`, mixed by their weights."""
+  caches, weights = latent_caches(config, workdir)
+  return pipeline.dit_dataset(config, [grain.MapDataset.source(c) for c in caches], seed=seed,
+                              batch_size=batch_size, weights=weights)
 
 
 def flops_per_token(config) -> float:
@@ -163,7 +201,7 @@ def train(config, workdir: str, mesh) -> dict:
   logging.info("DiT + text encoder: %d parameters", state_lib.num_params(state.params))
 
   # ---------------------------------------------------------------- data
-  data_iter = iter(pipeline.dit_dataset(config, latent_source(workdir), seed=config.seed, batch_size=local_batch))
+  data_iter = iter(dit_input(config, workdir, seed=config.seed, batch_size=local_batch))
 
   # ---------------------------------------------------------------- resume
   ckpt = ckpt_lib.Checkpointer(checkpoint_dir(workdir), keep=cfg.keep, save_every=cfg.ckpt_every)
