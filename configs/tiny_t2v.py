@@ -50,7 +50,9 @@ def get_config(arg=None):
       disc_layers=3, sizes=[(9, r, r), (1, r, r)], size_weights=[0.8, 0.2],
       log_every=50, ckpt_every=500, keep=2)
   c.encode = dict(num_samples=arg.encode_samples, batch_size=32)
-  c.text = dict(encoder="trainable", tokenizer="words", max_len=16, width=128, depth=2, num_heads=4)
+  # precomputed: text embeddings from tools/encode_text.py (frozen pretrained encoders only), '' = live.
+  c.text = dict(encoder="trainable", tokenizer="words", max_len=16, width=128, depth=2, num_heads=4,
+                precomputed="")
   c.dit = dict(
       width=arg.width, depth=arg.depth, num_heads=4, mlp_ratio=4.0, patch_size=(1, 2, 2), qk_norm=True,
       scan_layers=True, remat="none")

@@ -161,6 +161,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("text.encoder", config.text.encoder, f"choose one of {encoders}")
   if config.text.get("tokenizer", "bytes") not in text_lib.TOKENIZERS:
     _fail("text.tokenizer", config.text.tokenizer, f"choose one of {text_lib.TOKENIZERS}")
+  if config.text.get("precomputed") and (config.text.get("encoder") not in text_lib.PRETRAINED_TOKENIZERS
+                                         or config.text.get("trainable", False)):
+    _fail("text.precomputed", config.text.precomputed,
+          f"needs a frozen pretrained text.encoder (one of {text_lib.PRETRAINED_TOKENIZERS}, text.trainable "
+          f"False), not {config.text.get('encoder')!r}" + (" (trainable)" if config.text.get("trainable") else ""))
   if config.train_dit.text_seq_len < config.text.max_len:
     _fail("train_dit.text_seq_len", config.train_dit.text_seq_len,
           f"must hold at least one caption of text.max_len={config.text.max_len} tokens")

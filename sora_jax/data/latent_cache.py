@@ -287,6 +287,58 @@ def write_latent_cache(
   return path
 
 
+def write_dataset(
+    data_dir: str,
+    name: str,
+    features: tfds.features.FeaturesDict,
+    examples: Iterable[Mapping[str, Any]],
+    *,
+    split: str = "train",
+    description: str = "",
+    shard_size: int = 1000,
+    finalize=None,
+    overwrite: bool = False,
+) -> str:
+  """Streams encodable `examples` into a fresh tfds dataset `data_dir/name/1.0.0` (array_record, no TF).
+
+  The generic half of `write_latent_cache` for other per-example data (e.g. `text_embeddings`): the dataset
+  is built in a temporary directory next to its place, `finalize(tmp_dir)` (if given) writes any extra files
+  (metadata.json, ...) there once every example is written, and the directory is renamed in at the end, so
+  readers never see a half-written dataset. Returns the dataset directory.
+  """
+  if not _NAME_RE.match(name):
+    raise ValueError(f"Dataset name {name!r} must be snake_case.")
+  path = dataset_path(data_dir, name)
+  exists = os.path.exists(path)
+  if exists and not overwrite:
+    raise FileExistsError(f"Dataset already exists at {path}; pass overwrite=True.")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  target = tempfile.mkdtemp(prefix=f".{VERSION}.incomplete-", dir=os.path.dirname(path))
+  ds_info = tfds.core.DatasetInfo(
+      builder=tfds.core.DatasetIdentity(
+          name=name, version=tfds.core.Version(VERSION), data_dir=target,
+          module_name=__name__),
+      description=description, features=features)
+  try:
+    writer = tfds.core.SequentialWriter(
+        ds_info, max_examples_per_shard=shard_size, overwrite=True,
+        file_format="array_record")
+    writer.initialize_splits([split], fail_if_exists=False)
+    it = iter(examples)
+    while chunk := list(itertools.islice(it, _CHUNK)):
+      writer.add_examples({split: chunk})
+    writer.close_all()
+    if finalize is not None:
+      finalize(target)
+  except BaseException:
+    shutil.rmtree(target, ignore_errors=True)
+    raise
+  if exists:
+    shutil.rmtree(path)
+  os.replace(target, path)
+  return path
+
+
 def _resolve(path: str) -> str:
   """Finds the version directory holding dataset_info.json under `path`."""
   path = os.fspath(path)

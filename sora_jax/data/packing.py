@@ -59,9 +59,13 @@ def num_tokens(latent_shape: Sequence[int], patch: Sequence[int]) -> int:
   return int(np.prod([s // p for s, p in zip(latent_shape[:3], patch)]))
 
 
-def sample_features(tokens, coords, grid, text, labels, index) -> dict:
-  """One sample's features in the layout the packer expects (tables as length-1 sequences)."""
-  return {
+def sample_features(tokens, coords, grid, text, labels, index, text_states=None, text_pooled=None) -> dict:
+  """One sample's features in the layout the packer expects (tables as length-1 sequences).
+
+  `text_states` [n, D] and `text_pooled` [D]: precomputed text embeddings (`text_embeddings`), packed as a
+  text-length sequence next to `text` and as a table.
+  """
+  out = {
       "tokens": np.asarray(tokens, np.float32),
       "coords": np.asarray(coords, np.int32),
       "text": np.asarray(text, np.int32),
@@ -69,13 +73,25 @@ def sample_features(tokens, coords, grid, text, labels, index) -> dict:
       "labels": np.asarray(labels, np.int32)[None],
       "index": np.asarray([index], np.int32)[None],
   }
+  if text_states is not None:
+    if len(text_states) != len(out["text"]):
+      raise ValueError(f"text states of {len(text_states)} tokens for a caption of {len(out['text'])} tokens")
+    out["text_states"] = np.asarray(text_states, np.float32)
+    out["text_pooled"] = np.asarray(text_pooled, np.float32)[None]
+  return out
 
 
 def pack(ds: grain.IterDataset, *, seq_len: int, text_seq_len: int, max_segments: int,
-         num_packing_bins: int, seed: int = 0, shuffle_bins: bool = True) -> grain.IterDataset:
-  """Best-fit packs per-sample features into rows; returns a dataset of packed rows (see ARCHITECTURE)."""
+         num_packing_bins: int, seed: int = 0, shuffle_bins: bool = True,
+         text_states: bool = False) -> grain.IterDataset:
+  """Best-fit packs per-sample features into rows; returns a dataset of packed rows (see ARCHITECTURE).
+
+  `text_states`: the samples carry precomputed `text_states` / `text_pooled` (see `sample_features`).
+  """
   lengths = {"tokens": seq_len, "coords": seq_len, "text": text_seq_len,
              "grid": max_segments, "labels": max_segments, "index": max_segments}
+  if text_states:
+    lengths.update(text_states=text_seq_len, text_pooled=max_segments)
   packed = grain_exp.BestFitPackIterDataset(
       ds, length_struct=lengths, num_packing_bins=num_packing_bins, seed=seed, shuffle_bins=shuffle_bins)
   return packed.map(_finish_row)
@@ -83,7 +99,7 @@ def pack(ds: grain.IterDataset, *, seq_len: int, text_seq_len: int, max_segments
 
 def _finish_row(row: dict) -> dict:
   """Keeps one segment-id array per sequence kind and the text positions; drops the redundant ones."""
-  return {
+  out = {
       "tokens": row["tokens"],
       "tokens_segment_ids": row["tokens_segment_ids"].astype(np.int32),
       "coords": row["coords"],
@@ -95,6 +111,9 @@ def _finish_row(row: dict) -> dict:
       "labels": row["labels"],
       "index": row["index"][:, 0],
   }
+  if "text_states" in row:  # same positions as `text`: the packer places both features of a sample alike
+    out.update(text_states=row["text_states"], text_pooled=row["text_pooled"])
+  return out
 
 
 def pack_list(samples: Iterable[dict], *, seq_len: int, text_seq_len: int, max_segments: int) -> list[dict]:

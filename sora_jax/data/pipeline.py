@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from typing import Sequence
+from typing import Any, Sequence
 
 import grain
 import jax
@@ -18,6 +18,7 @@ import numpy as np
 from sora_jax.data import packing
 from sora_jax.data import sources
 from sora_jax.data import synthetic
+from sora_jax.data import text_embeddings
 from sora_jax.data import video_io
 from sora_jax.models import text as text_lib
 
@@ -79,6 +80,8 @@ class LatentToFeatures(grain.transforms.RandomMap):
   tokenizer: str = "bytes"
   tokenizer_path: str | None = None
   token_drop_rate: float = 0.0  # NaViT token dropping (coords travel with the kept tokens)
+  # Precomputed text embeddings (`text_embeddings.TextEmbeddings`): captions are looked up, not tokenized.
+  embeddings: Any = None
 
   def random_map(self, example: dict, rng: np.random.Generator) -> dict:
     caption = example["caption"]
@@ -88,9 +91,13 @@ class LatentToFeatures(grain.transforms.RandomMap):
       caption = ""
     tokens, coords, grid = packing.patchify(np.asarray(example["latent"], np.float32), self.patch_size)
     tokens, coords = packing.drop_tokens(tokens, coords, self.token_drop_rate, rng)
-    text = text_lib.tokenize(caption, self.max_text_len, self.tokenizer, self.tokenizer_path)
+    states = pooled = None
+    if self.embeddings is not None:
+      text, states, pooled = self.embeddings.lookup(caption)
+    else:
+      text = text_lib.tokenize(caption, self.max_text_len, self.tokenizer, self.tokenizer_path)
     return packing.sample_features(tokens, coords, grid, text, example["labels"],
-                                   _int_id(example.get("source_id", 0)))
+                                   _int_id(example.get("source_id", 0)), states, pooled)
 
 
 def _int_id(source_id) -> int:
@@ -101,22 +108,27 @@ def _int_id(source_id) -> int:
 
 
 def dit_dataset(config, source: grain.MapDataset | Sequence[grain.MapDataset], *, seed: int, batch_size: int,
-                weights: Sequence[float] | None = None) -> grain.IterDataset:
+                weights: Sequence[float] | None = None, embeddings=None) -> grain.IterDataset:
   """Packed rows of latent patches from a latent source, batched [B, ...] (see docs/ARCHITECTURE.md).
 
   `source` may be a list of latent sources mixed by `weights` (config.data.mixture): each is host-sharded,
   shuffled (source k with seed + 7919 k) and repeated on its own, then `grain.MapDataset.mix` interleaves
   them in proportion, so the mixture stays a MapDataset and the checkpointed iterator resumes it exactly.
+  `embeddings` (default: `config.text.precomputed`, unchecked): precomputed text embeddings to pack instead
+  of running the text encoder in the step.
   """
   t = config.train_dit
   parts = list(source) if isinstance(source, (list, tuple)) else [source]
   parts = [_per_host(p).shuffle(seed=seed + 7919 * k).repeat() for k, p in enumerate(parts)]
   ds = sources.mix(parts, list(weights) if weights is not None else [1.0] * len(parts))
+  if embeddings is None and config.text.get("precomputed"):
+    embeddings = text_embeddings.TextEmbeddings(config.text.precomputed)
   ds = ds.random_map(LatentToFeatures(tuple(config.dit.patch_size), config.text.max_len, t.caption_dropout,
                                       config.text.get("tokenizer", "bytes"),
-                                      config.text.get("path") or None, t.get("token_drop_rate", 0.0)),
+                                      config.text.get("path") or None, t.get("token_drop_rate", 0.0),
+                                      embeddings),
                      seed=seed + 1)
   it = prefetch(ds.to_iter_dataset(), config.data.num_workers)
   it = packing.pack(it, seq_len=t.seq_len, text_seq_len=t.text_seq_len, max_segments=t.max_segments,
-                    num_packing_bins=t.num_packing_bins, seed=seed + 2)
+                    num_packing_bins=t.num_packing_bins, seed=seed + 2, text_states=embeddings is not None)
   return it.batch(batch_size, drop_remainder=True)

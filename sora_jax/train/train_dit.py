@@ -20,6 +20,7 @@ from sora_jax.data import latent_cache
 from sora_jax.data import packing
 from sora_jax.data import pipeline
 from sora_jax.data import sources
+from sora_jax.data import text_embeddings
 from sora_jax.diffusion import flow
 from sora_jax.diffusion import masks
 from sora_jax.models import t2v
@@ -101,8 +102,11 @@ def denoiser_loss(model, batch, rng, config):
     # Label dropout (the class-conditional twin of caption dropout): -1 reads as the null class.
     drop = jax.random.bernoulli(jax.random.fold_in(rng, 2), config.train_dit.caption_dropout, labels.shape[:2])
     labels = jnp.where(drop[..., None], -1, labels)
-  text, pooled = model.encode_text(batch["text"], batch["text_segment_ids"], batch["text_positions"], S,
-                                   labels=labels)
+  if "text_states" in batch:  # precomputed by a frozen encoder (config.text.precomputed): no encoder call
+    text, pooled = batch["text_states"], batch["text_pooled"]
+  else:
+    text, pooled = model.encode_text(batch["text"], batch["text_segment_ids"], batch["text_positions"], S,
+                                     labels=labels)
   v = model(x_t, batch["coords"], seg, t_table, text, batch["text_segment_ids"], pooled, cond_mask=cond_mask)
   loss, _ = flow.flow_loss(v, flow.velocity_target(x0, noise), seg, token_weight=weight, max_segments=S)
   return loss
@@ -146,10 +150,11 @@ def latent_source(workdir: str, config=None) -> grain.MapDataset:
 
 
 def dit_input(config, workdir: str, *, seed: int, batch_size: int) -> grain.IterDataset:
-  """The training pipeline over `latent_caches`, mixed by their weights."""
+  """The training pipeline over `latent_caches`, with `config.text.precomputed` checked against them."""
   caches, weights = latent_caches(config, workdir)
+  embeddings = text_embeddings.from_config(config, [c.path for c in caches])
   return pipeline.dit_dataset(config, [grain.MapDataset.source(c) for c in caches], seed=seed,
-                              batch_size=batch_size, weights=weights)
+                              batch_size=batch_size, weights=weights, embeddings=embeddings)
 
 
 def flops_per_token(config) -> float:
