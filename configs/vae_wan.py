@@ -6,13 +6,22 @@ Trains the VAE alone (L1 + LPIPS + KL) on the embedded clips, then evaluates it:
   python -m sora_jax.main --config=configs/vae_wan.py --workdir=/tmp/vae_wan --mode=eval
 
 Variants: `configs/vae_wan.py:runlocal` (a CPU smoke run at base 8), `:base=64,res=128`.
+
+`:wan21` switches to Wan2.1's exact layout (`vae.layout='wan'`: its resampling blocks and quant convs), the
+one tools/convert_wan_vae.py fills with the released weights; then encode / eval / sample / train_dit run on
+the converted workdir:
+
+  python tools/convert_wan_vae.py --safetensors=Wan2.1-T2V-1.3B-Diffusers/vae/diffusion_pytorch_model.safetensors \
+      --out=/tmp/wan21_vae
+  python -m sora_jax.main --config=configs/vae_wan.py:wan21 --workdir=/tmp/wan21_vae --mode=eval
 """
 from configs import tiny_t2v
 from sora_jax import configs_lib
 
 
 def get_config(arg=None):
-  arg = configs_lib.parse_arg(arg, runlocal=False, base=96, res=256, frames=17, steps=100_000, batch=8)
+  arg = configs_lib.parse_arg(arg, runlocal=False, wan21=False, base=96, res=256, frames=17, steps=100_000,
+                              batch=8)
   c = tiny_t2v.get_config("runlocal" if arg.runlocal else None)
   c.mode = "train_vae"
   r, t = arg.res, arg.frames
@@ -22,6 +31,8 @@ def get_config(arg=None):
       base_channels=arg.base, channel_mults=(1, 2, 4, 4), num_res_blocks=2,
       temporal_downsample=(False, True, True), latent_channels=16, mid_attention=True, pad_mode="zeros",
       patch_size=1)
+  if arg.wan21:
+    c.vae.layout = "wan"
   c.data.sizes = [(t, r, r), (t, r, r * 16 // 9 // 16 * 16), (1, r, r)]  # 16:9 rounded to the 16-pixel grid
   c.data.size_weights = [0.5, 0.3, 0.2]
   c.data.heldout_size = (t, r, r)

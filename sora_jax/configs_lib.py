@@ -126,6 +126,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"needs one entry per downsampling level ({len(vae.channel_mults) - 1})")
   for f in ("vae.base_channels", "vae.latent_channels", "vae.num_res_blocks"):
     _positive(config, f)
+  if vae.get("layout", "default") not in ("default", "wan"):
+    _fail("vae.layout", vae.layout, "must be 'default' or 'wan' (Wan2.1's blocks, see models/vae.py)")
   st, ss = vae_strides(vae)
   # Data sizes must go through the VAE and then the patcher.
   pt, ph, pw = config.dit.patch_size

@@ -51,8 +51,12 @@ def causal_conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 
   return conv3d_time_valid(_pad_time_causal(x, kernel.shape[0] - 1), kernel, strides)
 
 
-def conv3d_time_valid(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1, 1)) -> jax.Array:
-  """3D convolution with no time padding (the caller prepends causal context) and 'same' spatial padding.
+def conv3d_time_valid(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1, 1),
+                      spatial_pad: Sequence[tuple[int, int]] | None = None) -> jax.Array:
+  """3D convolution with no time padding (the caller prepends causal context) and zero spatial padding.
+
+  `spatial_pad` is `((top, bottom), (left, right))`; None pads `(k - 1) // 2` on both sides ('same' at
+  stride 1). Wan2.1's downsampling convs pad only bottom and right: `((0, 1), (0, 1))`.
 
   Formulated as one 2D convolution over `[B*T', H, W]` whose input channels are the `kt` time-shifted frame
   stacks concatenated. Measured side by side on the 2-core CPU (tools/bench_vae_conv.py, fwd+bwd, demo
@@ -67,7 +71,7 @@ def conv3d_time_valid(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = 
   if c != cin:
     raise ValueError(f"causal_conv3d: input has {c} channels, kernel expects {cin}")
   t_out = (tp - kt) // st + 1
-  if kh == kw == 1 and sh == sw == 1:
+  if kh == kw == 1 and sh == sw == 1 and spatial_pad is None:
     # Pointwise over space: a matmul per time tap is cheaper than a conv.
     return sum(jnp.einsum("bthwc,cd->bthwd", x[:, i:i + st * (t_out - 1) + 1:st], kernel[i, 0, 0])
                for i in range(kt))
@@ -76,8 +80,10 @@ def conv3d_time_valid(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = 
   x = x.reshape(b * t_out, h, w, kt * cin)
   # Channel order of the folded input is (tap, cin), so the kernel folds the same way.
   k2 = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kt * cin, cout)
+  if spatial_pad is None:
+    spatial_pad = (((kh - 1) // 2,) * 2, ((kw - 1) // 2,) * 2)
   y = jax.lax.conv_general_dilated(
-      x, k2, window_strides=(sh, sw), padding=[((kh - 1) // 2,) * 2, ((kw - 1) // 2,) * 2],
+      x, k2, window_strides=(sh, sw), padding=[tuple(p) for p in spatial_pad],
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
   return y.reshape(b, t_out, *y.shape[1:])
 
@@ -113,8 +119,8 @@ class CausalConv3d(nnx.Module):
 
   def __init__(self, in_channels: int, out_channels: int, *, kernel_size: Sequence[int] = (3, 3, 3),
                strides: Sequence[int] = (1, 1, 1), zero_init: bool = False, in_axis: str | None = "conv_in",
-               out_axis: str | None = "conv_out", pad_mode: str = "replicate", dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               out_axis: str | None = "conv_out", pad_mode: str = "replicate",
+               spatial_pad: Sequence[tuple[int, int]] | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
     # `in_axis` / `out_axis` are None for the pixel- and latent-facing sides (3 to 2*latent channels): too
     # small to shard, and usually not divisible by a mesh axis.
     init = nnx.initializers.zeros_init() if zero_init else nnx.initializers.lecun_normal()
@@ -124,6 +130,7 @@ class CausalConv3d(nnx.Module):
         rngs.params(), (out_channels,)))
     self.strides = tuple(strides)
     self.pad_mode = pad_mode
+    self.spatial_pad = None if spatial_pad is None else tuple(tuple(p) for p in spatial_pad)
     self.dtype = dtype
 
   def __call__(self, x: jax.Array, cache: ConvCache | None = None, *,
@@ -136,23 +143,23 @@ class CausalConv3d(nnx.Module):
       x = cache.context(x, n, self.strides[0], self.pad_mode)
     else:
       x = _pad_time_causal(x, n, self.pad_mode)
-    y = conv3d_time_valid(x, kernel.astype(self.dtype), self.strides)
+    y = conv3d_time_valid(x, kernel.astype(self.dtype), self.strides, self.spatial_pad)
     return y + self.bias[...].astype(self.dtype)
 
 
-def channel_norm(channels: int) -> layers.RMSNorm:
+def channel_norm(channels: int, eps: float = 1e-6) -> layers.RMSNorm:
   """RMS norm over channels at each (t, h, w): per position, so it can never leak future frames."""
-  return layers.RMSNorm(channels, names=("conv_out",))
+  return layers.RMSNorm(channels, eps=eps, names=("conv_out",))
 
 
 class ResBlock(nnx.Module):
   """Pre-norm residual block: (norm, SiLU, causal conv) x2; the second conv starts at zero (identity)."""
 
-  def __init__(self, in_channels: int, out_channels: int, *, pad_mode: str = "replicate", dtype=jnp.float32,
-               rngs: nnx.Rngs):
-    self.norm1 = channel_norm(in_channels)
+  def __init__(self, in_channels: int, out_channels: int, *, pad_mode: str = "replicate",
+               norm_eps: float = 1e-6, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.norm1 = channel_norm(in_channels, norm_eps)
     self.conv1 = CausalConv3d(in_channels, out_channels, pad_mode=pad_mode, dtype=dtype, rngs=rngs)
-    self.norm2 = channel_norm(out_channels)
+    self.norm2 = channel_norm(out_channels, norm_eps)
     self.conv2 = CausalConv3d(out_channels, out_channels, zero_init=True, pad_mode=pad_mode, dtype=dtype,
                               rngs=rngs)
     self.skip = (CausalConv3d(in_channels, out_channels, kernel_size=(1, 1, 1), dtype=dtype, rngs=rngs)
@@ -168,11 +175,14 @@ class ResBlock(nnx.Module):
 class SpatialAttention(nnx.Module):
   """Single-head self-attention over the H*W positions of each frame (frames never see each other)."""
 
-  def __init__(self, channels: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, channels: int, *, qkv_bias: bool = False, norm_eps: float = 1e-6, dtype=jnp.float32,
+               rngs: nnx.Rngs):
     axes = ("conv_in", "conv_out")
-    self.norm = channel_norm(channels)
+    self.norm = channel_norm(channels, norm_eps)
     self.qkv = nnx.Param(nnx.with_partitioning(nnx.initializers.lecun_normal(), axes)(
         rngs.params(), (channels, 3 * channels)))
+    self.qkv_bias = (nnx.Param(nnx.with_partitioning(nnx.initializers.zeros_init(), ("conv_out",))(
+        rngs.params(), (3 * channels,))) if qkv_bias else None)
     # Zero output projection: the block is the identity at init.
     self.out = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros_init(), axes)(
         rngs.params(), (channels, channels)))
@@ -184,7 +194,10 @@ class SpatialAttention(nnx.Module):
     del cache  # per frame: nothing to carry between chunks
     b, t, h, w, c = x.shape
     y = self.norm(x).reshape(b * t, h * w, c)
-    q, k, v = jnp.split(y @ self.qkv[...].astype(self.dtype), 3, axis=-1)
+    qkv = y @ self.qkv[...].astype(self.dtype)
+    if self.qkv_bias is not None:
+      qkv = qkv + self.qkv_bias[...].astype(self.dtype)
+    q, k, v = jnp.split(qkv, 3, axis=-1)
     logits = jnp.einsum("bqc,bkc->bqk", q, k).astype(jnp.float32) * c ** -0.5
     y = jnp.einsum("bqk,bkc->bqc", jax.nn.softmax(logits, axis=-1).astype(self.dtype), v)
     y = y @ self.out[...].astype(self.dtype) + self.out_bias[...].astype(self.dtype)
@@ -227,18 +240,77 @@ class Upsample(nnx.Module):
     return self.conv(x, cache)
 
 
+class WanDownsample(nnx.Module):
+  """Wan2.1's resampling down ('downsample2d' / 'downsample3d'): 2D conv, then a learned time conv.
+
+  Space: per frame, zero pad bottom/right by one and a 3x3 stride-2 conv. Time (when `temporal`): a
+  (3, 1, 1) stride-2 conv over frames `2k-2, 2k-1, 2k` gives output k >= 1; output 0 is frame 0 unchanged.
+  That is what diffusers' `AutoencoderKLWan` computes with its frame-0-first chunked feature cache, written
+  as one causal pass: `1 + 2k` frames -> `1 + k`, and chunked passes carry the conv's last frame.
+  """
+
+  def __init__(self, channels: int, *, temporal: bool, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.conv = CausalConv3d(channels, channels, kernel_size=(1, 3, 3), strides=(1, 2, 2),
+                             spatial_pad=((0, 1), (0, 1)), dtype=dtype, rngs=rngs)
+    self.time_conv = (CausalConv3d(channels, channels, kernel_size=(3, 1, 1), strides=(2, 1, 1),
+                                   pad_mode="zeros", dtype=dtype, rngs=rngs) if temporal else None)
+
+  def __call__(self, x: jax.Array, cache: ConvCache | None = None) -> jax.Array:
+    x = self.conv(x)
+    if self.time_conv is None:
+      return x
+    y = self.time_conv(x, cache)
+    if cache is None or cache.first:
+      y = jnp.concatenate([x[:, :1].astype(y.dtype), y[:, 1:]], axis=1)
+    return y
+
+
+class WanUpsample(nnx.Module):
+  """Wan2.1's resampling up ('upsample2d' / 'upsample3d'): learned time doubling, nearest x2, 2D conv.
+
+  Time (when `temporal`): frame 0 stays alone; every later frame goes through a causal (3, 1, 1) conv with
+  zero padding (its history starts at frame 1, as in diffusers' feature cache) to `2 * channels`, split into
+  two consecutive frames, so `1 + k` -> `1 + 2k` frames. Space: nearest x2, then a 3x3 conv to
+  `channels // 2` (Wan's decoder halves channels at every upsampling).
+  """
+
+  def __init__(self, channels: int, *, temporal: bool, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.time_conv = (CausalConv3d(channels, 2 * channels, kernel_size=(3, 1, 1), pad_mode="zeros",
+                                   dtype=dtype, rngs=rngs) if temporal else None)
+    self.conv = CausalConv3d(channels, channels // 2, kernel_size=(1, 3, 3), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, cache: ConvCache | None = None) -> jax.Array:
+    if self.time_conv is not None:
+      # The video's first frame skips the time conv; later chunks of a chunked pass have none.
+      n_head = 1 if cache is None or cache.first else 0
+      head, y = x[:, :n_head], self.time_conv(x[:, n_head:], cache)
+      b, t, h, w, c2 = y.shape
+      y = y.reshape(b, t, h, w, 2, c2 // 2).transpose(0, 1, 4, 2, 3, 5).reshape(b, 2 * t, h, w, c2 // 2)
+      x = jnp.concatenate([head.astype(y.dtype), y], axis=1)
+    return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3))
+
+
+LAYOUTS = ("default", "wan")
+
+
 class VAE(nnx.Module):
   """Causal 3D conv KL autoencoder for videos and images (an image is a 1-frame video).
 
   `patch_size` p folds p x p pixel blocks into channels before the first conv (and unfolds after the last),
   as LTX-Video does: the full-resolution level then runs on 1/p^2 of the positions with wider inputs, which
   is where most of a small VAE's FLOPs and memory traffic go. Spatial stride = p * 2^(spatial downsamples).
+
+  `layout="wan"` builds Wan2.1's VAE (diffusers `AutoencoderKLWan`, so tools/convert_wan_vae.py can load
+  its weights) from the same blocks: `WanDownsample` / `WanUpsample` in place of `Downsample` / `Upsample`
+  (the decoder's channels halve at each upsampling), `enc_in` to `base_channels`, a bias on the attention's
+  qkv, norms with eps 1e-12 (Wan normalises by the L2 norm), and 1x1x1 `quant_conv` / `post_quant_conv`
+  around the latents. Use it with `pad_mode="zeros"` and `mid_attention=True`, as Wan does.
   """
 
   def __init__(self, *, base_channels: int, channel_mults: Sequence[int], num_res_blocks: int,
                temporal_downsample: Sequence[bool], latent_channels: int, mid_attention: bool = False,
                in_channels: int = 3, patch_size: int = 1, spatial_downsample: Sequence[bool] | None = None,
-               pad_mode: str = "replicate", dtype=jnp.float32, rngs: nnx.Rngs):
+               pad_mode: str = "replicate", layout: str = "default", dtype=jnp.float32, rngs: nnx.Rngs):
     channel_mults = tuple(channel_mults)
     temporal_downsample = tuple(bool(t) for t in temporal_downsample)
     spatial_downsample = (tuple(bool(t) for t in spatial_downsample) if spatial_downsample is not None
@@ -251,6 +323,13 @@ class VAE(nnx.Module):
             f"{len(channel_mults) - 1}), got {flags}")
     if pad_mode not in ("replicate", "zeros"):
       raise ValueError(f"vae.pad_mode must be 'replicate' or 'zeros', got {pad_mode!r}")
+    if layout not in LAYOUTS:
+      raise ValueError(f"vae.layout must be one of {LAYOUTS}, got {layout!r}")
+    wan = layout == "wan"
+    if wan and not all(spatial_downsample):
+      raise ValueError(f"vae.layout='wan' downsamples space at every level, got spatial_downsample="
+                       f"{spatial_downsample}")
+    self.layout = layout
     self.in_channels = in_channels
     self.latent_channels = latent_channels
     self.temporal_downsample = temporal_downsample
@@ -260,46 +339,58 @@ class VAE(nnx.Module):
     self.dtype = dtype
     chans = [base_channels * m for m in channel_mults]
     levels = len(chans)
+    norm_eps = 1e-12 if wan else 1e-6
     kw = dict(pad_mode=pad_mode, dtype=dtype, rngs=rngs)
+    rkw = dict(norm_eps=norm_eps, **kw)
     pixel_channels = in_channels * self.patch_size ** 2
 
     # Encoder: conv_in, per level `num_res_blocks` ResBlocks then a Downsample (all but the last level), mid.
-    self.enc_in = CausalConv3d(pixel_channels, chans[0], in_axis=None, **kw)
-    enc, ch = [], chans[0]
+    ch = base_channels if wan else chans[0]
+    self.enc_in = CausalConv3d(pixel_channels, ch, in_axis=None, **kw)
+    enc = []
     for i, out_ch in enumerate(chans):
       for _ in range(num_res_blocks):
-        enc.append(ResBlock(ch, out_ch, **kw))
+        enc.append(ResBlock(ch, out_ch, **rkw))
         ch = out_ch
       if i < levels - 1:
-        enc.append(Downsample(ch, temporal=temporal_downsample[i], spatial=spatial_downsample[i], **kw))
+        enc.append(WanDownsample(ch, temporal=temporal_downsample[i], dtype=dtype, rngs=rngs) if wan else
+                   Downsample(ch, temporal=temporal_downsample[i], spatial=spatial_downsample[i], **kw))
     self.enc_blocks = nnx.List(enc)
-    self.enc_mid = nnx.List(self._mid(ch, mid_attention, kw))
-    self.enc_norm = channel_norm(ch)
+    self.enc_mid = nnx.List(self._mid(ch, mid_attention, wan, rkw))
+    self.enc_norm = channel_norm(ch, norm_eps)
     self.enc_out = CausalConv3d(ch, 2 * latent_channels, out_axis=None, **kw)
+    self.quant_conv = (CausalConv3d(2 * latent_channels, 2 * latent_channels, kernel_size=(1, 1, 1),
+                                    in_axis=None, out_axis=None, dtype=dtype, rngs=rngs) if wan else None)
 
     # Decoder mirrors it with one extra ResBlock per level (the LDM habit: decoding is the harder half).
+    self.post_quant_conv = (CausalConv3d(latent_channels, latent_channels, kernel_size=(1, 1, 1),
+                                         in_axis=None, out_axis=None, dtype=dtype, rngs=rngs) if wan else None)
     self.dec_in = CausalConv3d(latent_channels, chans[-1], in_axis=None, **kw)
     ch = chans[-1]
-    self.dec_mid = nnx.List(self._mid(ch, mid_attention, kw))
+    self.dec_mid = nnx.List(self._mid(ch, mid_attention, wan, rkw))
     dec = []
     for i in reversed(range(levels)):
       for _ in range(num_res_blocks + 1):
-        dec.append(ResBlock(ch, chans[i], **kw))
+        dec.append(ResBlock(ch, chans[i], **rkw))
         ch = chans[i]
-      if i > 0:
+      if i > 0 and wan:
+        dec.append(WanUpsample(ch, temporal=temporal_downsample[i - 1], dtype=dtype, rngs=rngs))
+        ch //= 2
+      elif i > 0:
         dec.append(Upsample(ch, temporal=temporal_downsample[i - 1], spatial=spatial_downsample[i - 1], **kw))
     self.dec_blocks = nnx.List(dec)
-    self.dec_norm = channel_norm(ch)
+    self.dec_norm = channel_norm(ch, norm_eps)
     self.dec_out = CausalConv3d(ch, pixel_channels, out_axis=None, **kw)
 
     self.latent_mean = LatentStats(jnp.zeros((latent_channels,), jnp.float32))
     self.latent_std = LatentStats(jnp.ones((latent_channels,), jnp.float32))
 
   @staticmethod
-  def _mid(ch, mid_attention, kw):
+  def _mid(ch, mid_attention, qkv_bias, kw):
     blocks = [ResBlock(ch, ch, **kw)]
     if mid_attention:
-      blocks.append(SpatialAttention(ch, dtype=kw["dtype"], rngs=kw["rngs"]))
+      blocks.append(SpatialAttention(ch, qkv_bias=qkv_bias, norm_eps=kw["norm_eps"], dtype=kw["dtype"],
+                                     rngs=kw["rngs"]))
     blocks.append(ResBlock(ch, ch, **kw))
     return blocks
 
@@ -317,8 +408,10 @@ class VAE(nnx.Module):
     h = self.enc_in(space_to_depth(x, self.patch_size), cache)
     for block in (*self.enc_blocks, *self.enc_mid):
       h = block(h, cache)
-    h = self.enc_out(jax.nn.silu(self.enc_norm(h)), cache).astype(jnp.float32)
-    mean, logvar = jnp.split(h, 2, axis=-1)
+    h = self.enc_out(jax.nn.silu(self.enc_norm(h)), cache)
+    if self.quant_conv is not None:
+      h = self.quant_conv(h)
+    mean, logvar = jnp.split(h.astype(jnp.float32), 2, axis=-1)
     return mean, jnp.clip(logvar, *LOGVAR_RANGE)
 
   def _decode(self, z: jax.Array, cache: ConvCache | None) -> jax.Array:
@@ -326,6 +419,8 @@ class VAE(nnx.Module):
 
   def decode_features(self, z: jax.Array, cache: ConvCache | None = None) -> jax.Array:
     """Everything of the decoder before its last conv (the GAN's adaptive weight differentiates at it)."""
+    if self.post_quant_conv is not None:
+      z = self.post_quant_conv(z)
     h = self.dec_in(z, cache)
     for block in (*self.dec_mid, *self.dec_blocks):
       h = block(h, cache)
@@ -508,7 +603,7 @@ _CONFIG_FIELDS = ("base_channels", "channel_mults", "num_res_blocks", "temporal_
                   "latent_channels")
 # Optional fields and their defaults.
 _OPTIONAL_FIELDS = dict(mid_attention=False, in_channels=3, patch_size=1, spatial_downsample=None,
-                        pad_mode="replicate")
+                        pad_mode="replicate", layout="default")
 
 
 def from_config(cfg: Mapping[str, Any] | Any, *, rngs: nnx.Rngs, dtype=jnp.float32) -> VAE:
