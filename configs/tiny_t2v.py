@@ -34,6 +34,8 @@ def get_config(arg=None):
   )
   # 2x2 pixel patchify + one 2x downsampling level: 4x space, 2x time (9 frames -> 5 latent frames), 16
   # latent channels. Patchifying first keeps most convolutions at 16x16, 3.4x cheaper per step on CPU.
+  # Time is mixed only where it is resampled (temporal_kernel=1) and no norm precedes the heads: with the
+  # big-VAE defaults this small VAE stalls near background-only PSNR (experiments/tiny_t2v/README.md).
   c.vae = dict(
       base_channels=24,
       channel_mults=(1, 2, 4),
@@ -43,6 +45,8 @@ def get_config(arg=None):
       temporal_downsample=(True, False),
       latent_channels=16,
       mid_attention=False,
+      temporal_kernel=1,
+      head_norm=False,
   )
   c.train_vae = dict(
       steps=arg.vae_steps, batch_size=8, lr=1e-3, warmup_steps=30, weight_decay=0.0, grad_clip=1.0,

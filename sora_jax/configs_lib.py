@@ -128,6 +128,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive(config, f)
   if vae.get("layout", "default") not in ("default", "wan"):
     _fail("vae.layout", vae.layout, "must be 'default' or 'wan' (Wan2.1's blocks, see models/vae.py)")
+  if vae.get("temporal_kernel", 3) not in (1, 3):
+    _fail("vae.temporal_kernel", vae.temporal_kernel, "must be 1 or 3 (time taps of the non-resampling convs)")
+  if vae.get("layout", "default") == "wan" and (vae.get("temporal_kernel", 3) != 3
+                                                 or not vae.get("head_norm", True)):
+    _fail("vae.layout", vae.layout, "'wan' needs temporal_kernel=3 and head_norm=True (Wan2.1's blocks)")
   st, ss = vae_strides(vae)
   # Data sizes must go through the VAE and then the patcher.
   pt, ph, pw = config.dit.patch_size

@@ -51,6 +51,8 @@ def test_parse_arg_types_and_errors():
     ("attention", "flash", r"config.attention='flash': unknown backend"),
     ("train_dit.ema_decay", 1.0, r"config.train_dit.ema_decay=1.0: must be in \[0, 1\)"),
     ("vae.temporal_downsample", (True,), r"config.vae.temporal_downsample=\(True,\): needs one entry per"),
+    ("vae.temporal_kernel", 2, r"config.vae.temporal_kernel=2: must be 1 or 3"),
+    ("vae.layout", "wan", r"config.vae.layout='wan': 'wan' needs temporal_kernel=3 and head_norm=True"),
 ])
 def test_bad_field_is_named(field, value, message):
   config = tiny_t2v.get_config("variable=False")

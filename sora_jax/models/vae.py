@@ -156,12 +156,14 @@ class ResBlock(nnx.Module):
   """Pre-norm residual block: (norm, SiLU, causal conv) x2; the second conv starts at zero (identity)."""
 
   def __init__(self, in_channels: int, out_channels: int, *, pad_mode: str = "replicate",
-               norm_eps: float = 1e-6, dtype=jnp.float32, rngs: nnx.Rngs):
+               norm_eps: float = 1e-6, temporal_kernel: int = 3, dtype=jnp.float32, rngs: nnx.Rngs):
+    k = (temporal_kernel, 3, 3)
     self.norm1 = channel_norm(in_channels, norm_eps)
-    self.conv1 = CausalConv3d(in_channels, out_channels, pad_mode=pad_mode, dtype=dtype, rngs=rngs)
-    self.norm2 = channel_norm(out_channels, norm_eps)
-    self.conv2 = CausalConv3d(out_channels, out_channels, zero_init=True, pad_mode=pad_mode, dtype=dtype,
+    self.conv1 = CausalConv3d(in_channels, out_channels, kernel_size=k, pad_mode=pad_mode, dtype=dtype,
                               rngs=rngs)
+    self.norm2 = channel_norm(out_channels, norm_eps)
+    self.conv2 = CausalConv3d(out_channels, out_channels, kernel_size=k, zero_init=True, pad_mode=pad_mode,
+                              dtype=dtype, rngs=rngs)
     self.skip = (CausalConv3d(in_channels, out_channels, kernel_size=(1, 1, 1), dtype=dtype, rngs=rngs)
                  if in_channels != out_channels else None)
 
@@ -208,11 +210,12 @@ class Downsample(nnx.Module):
   """Strided causal conv: /2 in space when `spatial`, /2 in time (first frame alone) when `temporal`."""
 
   def __init__(self, channels: int, *, temporal: bool, spatial: bool = True, pad_mode: str = "replicate",
-               dtype=jnp.float32, rngs: nnx.Rngs):
-    # Kernel 3, stride 2, left pad 2 in time: 1 + 2k frames -> 1 + k, output 0 sees frame 0 only.
+               temporal_kernel: int = 3, dtype=jnp.float32, rngs: nnx.Rngs):
+    # Kernel 3, stride 2, left pad 2 in time: 1 + 2k frames -> 1 + k, output 0 sees frame 0 only. Without
+    # temporal downsampling the conv has `temporal_kernel` time taps, like the ResBlocks'.
     s = 2 if spatial else 1
-    self.conv = CausalConv3d(channels, channels, strides=(2 if temporal else 1, s, s), pad_mode=pad_mode,
-                             dtype=dtype, rngs=rngs)
+    self.conv = CausalConv3d(channels, channels, kernel_size=(3 if temporal else temporal_kernel, 3, 3),
+                             strides=(2 if temporal else 1, s, s), pad_mode=pad_mode, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, cache: ConvCache | None = None) -> jax.Array:
     return self.conv(x, cache)
@@ -222,10 +225,12 @@ class Upsample(nnx.Module):
   """Nearest x2 in space (when `spatial`) and, when `temporal`, 1 + k -> 1 + 2k frames; then a causal conv."""
 
   def __init__(self, channels: int, *, temporal: bool, spatial: bool = True, pad_mode: str = "replicate",
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               temporal_kernel: int = 3, dtype=jnp.float32, rngs: nnx.Rngs):
     self.temporal = temporal
     self.spatial = spatial
-    self.conv = CausalConv3d(channels, channels, pad_mode=pad_mode, dtype=dtype, rngs=rngs)
+    # A temporal upsample mixes the repeated frames with 3 time taps whatever `temporal_kernel` is.
+    self.conv = CausalConv3d(channels, channels, kernel_size=(3 if temporal else temporal_kernel, 3, 3),
+                             pad_mode=pad_mode, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, cache: ConvCache | None = None) -> jax.Array:
     if self.spatial:
@@ -300,6 +305,14 @@ class VAE(nnx.Module):
   as LTX-Video does: the full-resolution level then runs on 1/p^2 of the positions with wider inputs, which
   is where most of a small VAE's FLOPs and memory traffic go. Spatial stride = p * 2^(spatial downsamples).
 
+  `temporal_kernel=1` gives every conv except the temporal down/upsampling ones a single time tap (time is
+  mixed only where it is resampled), and `head_norm=False` drops the per-position norms before `enc_out` and
+  `dec_out`. Measured on the embedded data (experiments/tiny_t2v/README.md), each of the two defaults slows
+  early learning of a small VAE: per-position RMS normalisation just before the pixel and latent heads
+  discards how strongly each position responds, and 3 random time taps at init blend an object's past
+  positions into every frame, which the decoder must first learn to undo. Big VAEs trained for long (Wan2.1)
+  use both; the demo uses neither.
+
   `layout="wan"` builds Wan2.1's VAE (diffusers `AutoencoderKLWan`, so tools/convert_wan_vae.py can load
   its weights) from the same blocks: `WanDownsample` / `WanUpsample` in place of `Downsample` / `Upsample`
   (the decoder's channels halve at each upsampling), `enc_in` to `base_channels`, a bias on the attention's
@@ -310,7 +323,8 @@ class VAE(nnx.Module):
   def __init__(self, *, base_channels: int, channel_mults: Sequence[int], num_res_blocks: int,
                temporal_downsample: Sequence[bool], latent_channels: int, mid_attention: bool = False,
                in_channels: int = 3, patch_size: int = 1, spatial_downsample: Sequence[bool] | None = None,
-               pad_mode: str = "replicate", layout: str = "default", dtype=jnp.float32, rngs: nnx.Rngs):
+               pad_mode: str = "replicate", layout: str = "default", temporal_kernel: int = 3,
+               head_norm: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
     channel_mults = tuple(channel_mults)
     temporal_downsample = tuple(bool(t) for t in temporal_downsample)
     spatial_downsample = (tuple(bool(t) for t in spatial_downsample) if spatial_downsample is not None
@@ -326,6 +340,11 @@ class VAE(nnx.Module):
     if layout not in LAYOUTS:
       raise ValueError(f"vae.layout must be one of {LAYOUTS}, got {layout!r}")
     wan = layout == "wan"
+    if temporal_kernel not in (1, 3):
+      raise ValueError(f"vae.temporal_kernel must be 1 or 3, got {temporal_kernel!r}")
+    if wan and (temporal_kernel != 3 or not head_norm):
+      raise ValueError(f"vae.layout='wan' needs temporal_kernel=3 and head_norm=True, got "
+                       f"temporal_kernel={temporal_kernel}, head_norm={head_norm}")
     if wan and not all(spatial_downsample):
       raise ValueError(f"vae.layout='wan' downsamples space at every level, got spatial_downsample="
                        f"{spatial_downsample}")
@@ -341,12 +360,13 @@ class VAE(nnx.Module):
     levels = len(chans)
     norm_eps = 1e-12 if wan else 1e-6
     kw = dict(pad_mode=pad_mode, dtype=dtype, rngs=rngs)
-    rkw = dict(norm_eps=norm_eps, **kw)
+    rkw = dict(norm_eps=norm_eps, temporal_kernel=temporal_kernel, **kw)
+    tk = (temporal_kernel, 3, 3)
     pixel_channels = in_channels * self.patch_size ** 2
 
     # Encoder: conv_in, per level `num_res_blocks` ResBlocks then a Downsample (all but the last level), mid.
     ch = base_channels if wan else chans[0]
-    self.enc_in = CausalConv3d(pixel_channels, ch, in_axis=None, **kw)
+    self.enc_in = CausalConv3d(pixel_channels, ch, kernel_size=tk, in_axis=None, **kw)
     enc = []
     for i, out_ch in enumerate(chans):
       for _ in range(num_res_blocks):
@@ -354,18 +374,19 @@ class VAE(nnx.Module):
         ch = out_ch
       if i < levels - 1:
         enc.append(WanDownsample(ch, temporal=temporal_downsample[i], dtype=dtype, rngs=rngs) if wan else
-                   Downsample(ch, temporal=temporal_downsample[i], spatial=spatial_downsample[i], **kw))
+                   Downsample(ch, temporal=temporal_downsample[i], spatial=spatial_downsample[i],
+                              temporal_kernel=temporal_kernel, **kw))
     self.enc_blocks = nnx.List(enc)
     self.enc_mid = nnx.List(self._mid(ch, mid_attention, wan, rkw))
-    self.enc_norm = channel_norm(ch, norm_eps)
-    self.enc_out = CausalConv3d(ch, 2 * latent_channels, out_axis=None, **kw)
+    self.enc_norm = channel_norm(ch, norm_eps) if head_norm else None
+    self.enc_out = CausalConv3d(ch, 2 * latent_channels, kernel_size=tk, out_axis=None, **kw)
     self.quant_conv = (CausalConv3d(2 * latent_channels, 2 * latent_channels, kernel_size=(1, 1, 1),
                                     in_axis=None, out_axis=None, dtype=dtype, rngs=rngs) if wan else None)
 
     # Decoder mirrors it with one extra ResBlock per level (the LDM habit: decoding is the harder half).
     self.post_quant_conv = (CausalConv3d(latent_channels, latent_channels, kernel_size=(1, 1, 1),
                                          in_axis=None, out_axis=None, dtype=dtype, rngs=rngs) if wan else None)
-    self.dec_in = CausalConv3d(latent_channels, chans[-1], in_axis=None, **kw)
+    self.dec_in = CausalConv3d(latent_channels, chans[-1], kernel_size=tk, in_axis=None, **kw)
     ch = chans[-1]
     self.dec_mid = nnx.List(self._mid(ch, mid_attention, wan, rkw))
     dec = []
@@ -377,10 +398,11 @@ class VAE(nnx.Module):
         dec.append(WanUpsample(ch, temporal=temporal_downsample[i - 1], dtype=dtype, rngs=rngs))
         ch //= 2
       elif i > 0:
-        dec.append(Upsample(ch, temporal=temporal_downsample[i - 1], spatial=spatial_downsample[i - 1], **kw))
+        dec.append(Upsample(ch, temporal=temporal_downsample[i - 1], spatial=spatial_downsample[i - 1],
+                            temporal_kernel=temporal_kernel, **kw))
     self.dec_blocks = nnx.List(dec)
-    self.dec_norm = channel_norm(ch, norm_eps)
-    self.dec_out = CausalConv3d(ch, pixel_channels, out_axis=None, **kw)
+    self.dec_norm = channel_norm(ch, norm_eps) if head_norm else None
+    self.dec_out = CausalConv3d(ch, pixel_channels, kernel_size=tk, out_axis=None, **kw)
 
     self.latent_mean = LatentStats(jnp.zeros((latent_channels,), jnp.float32))
     self.latent_std = LatentStats(jnp.ones((latent_channels,), jnp.float32))
@@ -408,7 +430,7 @@ class VAE(nnx.Module):
     h = self.enc_in(space_to_depth(x, self.patch_size), cache)
     for block in (*self.enc_blocks, *self.enc_mid):
       h = block(h, cache)
-    h = self.enc_out(jax.nn.silu(self.enc_norm(h)), cache)
+    h = self.enc_out(jax.nn.silu(self.enc_norm(h) if self.enc_norm is not None else h), cache)
     if self.quant_conv is not None:
       h = self.quant_conv(h)
     mean, logvar = jnp.split(h.astype(jnp.float32), 2, axis=-1)
@@ -424,7 +446,7 @@ class VAE(nnx.Module):
     h = self.dec_in(z, cache)
     for block in (*self.dec_mid, *self.dec_blocks):
       h = block(h, cache)
-    return jax.nn.silu(self.dec_norm(h))
+    return jax.nn.silu(self.dec_norm(h) if self.dec_norm is not None else h)
 
   def decode_head(self, h: jax.Array, cache: ConvCache | None = None, *,
                   kernel: jax.Array | None = None) -> jax.Array:
@@ -603,7 +625,7 @@ _CONFIG_FIELDS = ("base_channels", "channel_mults", "num_res_blocks", "temporal_
                   "latent_channels")
 # Optional fields and their defaults.
 _OPTIONAL_FIELDS = dict(mid_attention=False, in_channels=3, patch_size=1, spatial_downsample=None,
-                        pad_mode="replicate", layout="default")
+                        pad_mode="replicate", layout="default", temporal_kernel=3, head_norm=True)
 
 
 def from_config(cfg: Mapping[str, Any] | Any, *, rngs: nnx.Rngs, dtype=jnp.float32) -> VAE:

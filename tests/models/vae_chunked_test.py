@@ -14,10 +14,13 @@ def model():
   return vae_test._random_model(mid_attention=True)  # pylint: disable=protected-access
 
 
-@pytest.mark.parametrize("chunk,pad_mode", [(1, "replicate"), (2, "replicate"), (1, "zeros")])
-def test_chunked_encode_decode_equal_full_pass(model, chunk, pad_mode):
-  if pad_mode != "replicate":
-    model = vae_test._random_model(mid_attention=True, pad_mode=pad_mode)  # pylint: disable=protected-access
+@pytest.mark.parametrize("chunk,pad_mode,extra", [
+    (1, "replicate", {}), (2, "replicate", {}), (1, "zeros", {}),
+    # The demo's layout: single-tap convs (no cached frames) next to the 3-tap temporal resampling ones.
+    (2, "replicate", {"temporal_kernel": 1, "head_norm": False})])
+def test_chunked_encode_decode_equal_full_pass(model, chunk, pad_mode, extra):
+  if pad_mode != "replicate" or extra:
+    model = vae_test._random_model(mid_attention=True, pad_mode=pad_mode, **extra)  # pylint: disable=protected-access
   graphdef, state = nnx.split(model)
   x = vae_test._video((1, 13, 16, 16, 3))  # pylint: disable=protected-access
   encode = jax.jit(lambda s, x, c: nnx.merge(graphdef, s).encode(x, chunk=c), static_argnums=2)
