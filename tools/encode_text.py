@@ -28,16 +28,20 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (python, get_config(arg)).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Encode the captions of the DiT's latent caches in this workdir.")
-_CACHE = flags.DEFINE_multi_string("cache", [], "A latent cache to encode the captions of (repeatable).")
-_CAPTIONS = flags.DEFINE_string("captions", None, "A captions file (.csv/.jsonl with a caption column, or .txt).")
-_OUT = flags.DEFINE_string("out", None, "tfds data dir to write to; the dataset goes to OUT/text_embeddings/1.0.0.")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "Captions per encoder call.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "float16"], "Storage dtype of the per-token states.")
-_SPLIT = flags.DEFINE_string("split", "train", "Latent cache split.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing embeddings dataset at OUT.")
-flags.mark_flags_as_required(["config", "out"])
+
+def _define_flags():
+  """Registers the command-line flags (only when run as a script, so tests can import this module)."""
+  global _CONFIG, _WORKDIR, _CACHE, _CAPTIONS, _OUT, _BATCH, _DTYPE, _SPLIT, _OVERWRITE
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (python, get_config(arg)).")
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Encode the captions of the DiT's latent caches in this workdir.")
+  _CACHE = flags.DEFINE_multi_string("cache", [], "A latent cache to encode the captions of (repeatable).")
+  _CAPTIONS = flags.DEFINE_string("captions", None, "A captions file (.csv/.jsonl with a caption column, or .txt).")
+  _OUT = flags.DEFINE_string("out", None, "tfds data dir to write to; the dataset goes to OUT/text_embeddings/1.0.0.")
+  _BATCH = flags.DEFINE_integer("batch_size", 64, "Captions per encoder call.")
+  _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "float16"], "Storage dtype of the per-token states.")
+  _SPLIT = flags.DEFINE_string("split", "train", "Latent cache split.")
+  _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing embeddings dataset at OUT.")
+  flags.mark_flags_as_required(["config", "out"])
 
 
 def run(config, out: str, *, workdir: str | None = None, caches=(), captions_file: str | None = None,
@@ -82,4 +86,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -24,15 +24,19 @@ import sys
 from absl import app
 from absl import flags
 
-_CONFIG = flags.DEFINE_string("config", None, "Config file, without :arg (the sweep's `arg` axis sets it).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Parent directory: one sub-directory per run.")
-_MODE = flags.DEFINE_string("mode", "all", "--mode of every run.")
-_PRODUCT = flags.DEFINE_multi_string("product", [], "NAME=V1,V2: crossed with every other axis.")
-_ZIP = flags.DEFINE_multi_string("zip", [], "NAME=V1,V2: zipped with the other --zip axes.")
-_PRINT_ONLY = flags.DEFINE_bool("print_only", False, "Print the launch commands instead of running them.")
-_COLLECT_ONLY = flags.DEFINE_bool("collect_only", False, "Only collect the results of existing runs.")
-_PYTHON = flags.DEFINE_string("python", sys.executable, "Interpreter of the runs.")
-flags.mark_flags_as_required(["config", "workdir"])
+
+def _define_flags():
+  """Registers the command-line flags (only when run as a script, so tests can import this module)."""
+  global _CONFIG, _WORKDIR, _MODE, _PRODUCT, _ZIP, _PRINT_ONLY, _COLLECT_ONLY, _PYTHON
+  _CONFIG = flags.DEFINE_string("config", None, "Config file, without :arg (the sweep's `arg` axis sets it).")
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Parent directory: one sub-directory per run.")
+  _MODE = flags.DEFINE_string("mode", "all", "--mode of every run.")
+  _PRODUCT = flags.DEFINE_multi_string("product", [], "NAME=V1,V2: crossed with every other axis.")
+  _ZIP = flags.DEFINE_multi_string("zip", [], "NAME=V1,V2: zipped with the other --zip axes.")
+  _PRINT_ONLY = flags.DEFINE_bool("print_only", False, "Print the launch commands instead of running them.")
+  _COLLECT_ONLY = flags.DEFINE_bool("collect_only", False, "Only collect the results of existing runs.")
+  _PYTHON = flags.DEFINE_string("python", sys.executable, "Interpreter of the runs.")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def parse_axis(spec: str) -> tuple[str, list[str]]:
@@ -139,4 +143,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

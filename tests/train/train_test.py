@@ -90,8 +90,9 @@ def test_vae_steps_lower_the_loss():
     batch = mesh_lib.global_batch(batch, mesh)
     step = train_vae.make_train_step(config, created.graphdef, tx, created.shardings)
     state, first = step(created.state, batch)
-    for _ in range(15):
+    for _ in range(25):
       state, metrics = step(state, batch)
+  # Measured: 0.89 -> 0.56 after 25 steps on this batch; a broken gradient path stays near 0.89.
   assert float(metrics["l1"]) < 0.7 * float(first["l1"]), (first, metrics)
 
 
