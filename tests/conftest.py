@@ -3,11 +3,11 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Fast compiles here and in the launcher/tool subprocesses the tests start (they inherit the environment).
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
 
-import jax  # noqa: E402
+import jax  # noqa: E402,F401  (initialised with the settings above)
 import pytest  # noqa: E402
-
-jax.config.update("jax_disable_most_optimizations", True)
 
 
 def pytest_addoption(parser):
