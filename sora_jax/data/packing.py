@@ -116,12 +116,13 @@ def _finish_row(row: dict) -> dict:
   return out
 
 
-def pack_list(samples: Iterable[dict], *, seq_len: int, text_seq_len: int, max_segments: int) -> list[dict]:
-  """Packs a finite list of `sample_features` dicts into rows, in a deterministic order (used for sampling)."""
+def pack_list(samples: Iterable[dict], *, seq_len: int, text_seq_len: int, max_segments: int,
+              text_states: bool = False) -> list[dict]:
+  """Packs a finite list of `sample_features` dicts into rows, in a deterministic order (sampling, eval)."""
   samples = list(samples)
   ds = grain.MapDataset.source(samples).to_iter_dataset()
   return list(pack(ds, seq_len=seq_len, text_seq_len=text_seq_len, max_segments=max_segments,
-                   num_packing_bins=max(1, len(samples)), shuffle_bins=False))
+                   num_packing_bins=max(1, len(samples)), shuffle_bins=False, text_states=text_states))
 
 
 def stack_rows(rows: Sequence[dict], batch_size: int | None = None) -> dict:

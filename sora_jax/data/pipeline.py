@@ -100,6 +100,20 @@ class LatentToFeatures(grain.transforms.RandomMap):
                                    _int_id(example.get("source_id", 0)), states, pooled)
 
 
+def latent_to_features(config, *, train: bool = True, embeddings=None) -> LatentToFeatures:
+  """The DiT's per-sample transform from `config` (tokenizer and its path, or `config.text.precomputed`).
+
+  `train=False` (validation) turns off caption dropout and token dropping.
+  """
+  if embeddings is None and config.text.get("precomputed"):
+    embeddings = text_embeddings.TextEmbeddings(config.text.precomputed)
+  t = config.train_dit
+  return LatentToFeatures(tuple(config.dit.patch_size), config.text.max_len,
+                          t.caption_dropout if train else 0.0, config.text.get("tokenizer", "bytes"),
+                          config.text.get("path") or None, t.get("token_drop_rate", 0.0) if train else 0.0,
+                          embeddings)
+
+
 def _int_id(source_id) -> int:
   # Latent caches may key examples by file name; the packed `index` table holds int32.
   if isinstance(source_id, (str, bytes)):
@@ -121,13 +135,9 @@ def dit_dataset(config, source: grain.MapDataset | Sequence[grain.MapDataset], *
   parts = list(source) if isinstance(source, (list, tuple)) else [source]
   parts = [_per_host(p).shuffle(seed=seed + 7919 * k).repeat() for k, p in enumerate(parts)]
   ds = sources.mix(parts, list(weights) if weights is not None else [1.0] * len(parts))
-  if embeddings is None and config.text.get("precomputed"):
-    embeddings = text_embeddings.TextEmbeddings(config.text.precomputed)
-  ds = ds.random_map(LatentToFeatures(tuple(config.dit.patch_size), config.text.max_len, t.caption_dropout,
-                                      config.text.get("tokenizer", "bytes"),
-                                      config.text.get("path") or None, t.get("token_drop_rate", 0.0),
-                                      embeddings),
-                     seed=seed + 1)
+  to_features = latent_to_features(config, embeddings=embeddings)
+  ds = ds.random_map(to_features, seed=seed + 1)
+  embeddings = to_features.embeddings
   it = prefetch(ds.to_iter_dataset(), config.data.num_workers)
   it = packing.pack(it, seq_len=t.seq_len, text_seq_len=t.text_seq_len, max_segments=t.max_segments,
                     num_packing_bins=t.num_packing_bins, seed=seed + 2, text_states=embeddings is not None)

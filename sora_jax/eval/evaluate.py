@@ -39,12 +39,12 @@ def validation_batches(config, workdir: str) -> list[dict]:
   """Packed batches of the first `config.eval.val_samples` latent-cache examples, in order, captions kept."""
   source = train_dit.latent_source(workdir, config)
   n = min(len(source), config.eval.get("val_samples", 64))
-  to_features = pipeline.LatentToFeatures(tuple(config.dit.patch_size), config.text.max_len, 0.0,
-                                          config.text.get("tokenizer", "bytes"))
-  rng = np.random.default_rng(0)  # unused without caption dropout
+  to_features = pipeline.latent_to_features(config, train=False)
+  rng = np.random.default_rng(0)  # unused without caption and token dropping
   t = config.train_dit
   rows = packing.pack_list([to_features.random_map(source[i], rng) for i in range(n)], seq_len=t.seq_len,
-                           text_seq_len=t.text_seq_len, max_segments=t.max_segments)
+                           text_seq_len=t.text_seq_len, max_segments=t.max_segments,
+                           text_states=to_features.embeddings is not None)
   return [packing.stack_rows(rows[i:i + t.batch_size], t.batch_size) for i in range(0, len(rows), t.batch_size)]
 
 
@@ -59,8 +59,7 @@ def make_val_loss_fn(config, graphdef):
     t_table = jnp.full((seg.shape[0], S), t, jnp.float32)
     noise = jax.random.normal(key, x0.shape, x0.dtype)
     x_t = flow.interpolate(x0, noise, flow.tokens_from_table(t_table, seg))
-    text, pooled = model.encode_text(batch["text"], batch["text_segment_ids"], batch["text_positions"], S,
-                                     labels=batch["labels"])
+    text, pooled = train_dit.batch_text(model, batch, S)
     v = model(x_t, batch["coords"], seg, t_table, text, batch["text_segment_ids"], pooled)
     return flow.flow_loss(v, flow.velocity_target(x0, noise), seg, max_segments=S)[0]
 

@@ -78,6 +78,14 @@ def cond_probs(config):
   return None if probs[0] == 1.0 else probs
 
 
+def batch_text(model, batch, max_segments: int, labels=None):
+  """(per-token text states, pooled per segment) of a packed batch: precomputed or from the text encoder."""
+  if "text_states" in batch:  # precomputed by a frozen encoder (config.text.precomputed): no encoder call
+    return batch["text_states"], batch["text_pooled"]
+  return model.encode_text(batch["text"], batch["text_segment_ids"], batch["text_positions"], max_segments,
+                           labels=batch.get("labels") if labels is None else labels)
+
+
 def denoiser_loss(model, batch, rng, config):
   """Flow-matching loss of one packed batch (frame-conditioned tokens given clean and not counted)."""
   S = config.train_dit.max_segments
@@ -102,11 +110,7 @@ def denoiser_loss(model, batch, rng, config):
     # Label dropout (the class-conditional twin of caption dropout): -1 reads as the null class.
     drop = jax.random.bernoulli(jax.random.fold_in(rng, 2), config.train_dit.caption_dropout, labels.shape[:2])
     labels = jnp.where(drop[..., None], -1, labels)
-  if "text_states" in batch:  # precomputed by a frozen encoder (config.text.precomputed): no encoder call
-    text, pooled = batch["text_states"], batch["text_pooled"]
-  else:
-    text, pooled = model.encode_text(batch["text"], batch["text_segment_ids"], batch["text_positions"], S,
-                                     labels=labels)
+  text, pooled = batch_text(model, batch, S, labels)
   v = model(x_t, batch["coords"], seg, t_table, text, batch["text_segment_ids"], pooled, cond_mask=cond_mask)
   loss, _ = flow.flow_loss(v, flow.velocity_target(x0, noise), seg, token_weight=weight, max_segments=S)
   return loss

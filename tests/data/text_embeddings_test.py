@@ -13,6 +13,7 @@ from sora_jax.data import latent_cache
 from sora_jax.data import pipeline
 from sora_jax.data import synthetic
 from sora_jax.data import text_embeddings
+from sora_jax.eval import evaluate
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.train import train_dit
 
@@ -102,6 +103,14 @@ def test_precomputed_gives_the_live_encoder_loss(setup):
                        mesh_lib.global_batch({**pre, "text_states": 2 * pre["text_states"]}, mesh)))
   np.testing.assert_allclose(got, want, rtol=1e-5)
   assert abs(other - want) > 1e-4 * abs(want), (other, want)
+
+  # Validation (eval mode and in-training eval) reads the same embeddings and gives the live encoder's loss.
+  pre_val = evaluate.validation_batches(pre_config, workdir)
+  assert "text_states" in pre_val[0]
+  pre_config.eval.val_timesteps = config.eval.val_timesteps = (0.5,)
+  val = lambda c, b: evaluate.validation_loss(c, created.graphdef, params, state.rest, b, mesh)["val_loss"]
+  np.testing.assert_allclose(val(pre_config, pre_val), val(config, evaluate.validation_batches(config, workdir)),
+                             rtol=1e-5)
 
 
 def test_embeddings_of_another_cache_are_refused(setup, tmp_path):
