@@ -2,13 +2,14 @@ r"""Quality against steps: prompt adherence of held-out prompts per solver and s
 
   JAX_PLATFORMS=cpu .venv/bin/python tools/bench_solvers.py --config=configs/tiny_t2v.py \
       --workdir=/tmp/sora_jax_demo [--solvers=euler,heun,dpmpp_2m --steps=10,25,50 --num_prompts=32] \
-      [--cond_modes=i2v,extend_forward]
+      [--cond_modes=i2v,extend_forward,extend_forward_half]
 
 1. Text-to-video: the scorer's prompt adherence (`sora_jax/eval/scorer.py`) of the held-out prompts for each
    solver x steps, with the model calls per video (Heun makes 2N - 1) and wall time.
 2. With --cond_modes: held-out clips condition the sampler (i2v: their first frame; extend_forward: their
-   last frames) with their own caption; the scorer's colour and direction of each generated video are
-   compared with the conditioning clip's labels (the first solver and step count of the lists).
+   last frames; extend_forward_half: the last frames of their first half) with their own caption; the
+   scorer's colour and direction of each generated video are compared with the conditioning clip's labels
+   (the first solver and step count of the lists).
 The last line printed is one JSON object with all figures.
 """
 import json
@@ -28,10 +29,19 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Trained workdir (VAE and DiT ch
 _SOLVERS = flags.DEFINE_list("solvers", ["euler", "heun", "dpmpp_2m"], "Flow solvers to compare.")
 _STEPS = flags.DEFINE_list("steps", ["10", "25", "50"], "Step counts to compare.")
 _NUM = flags.DEFINE_integer("num_prompts", None, "Held-out prompts (default: sample.num_heldout_prompts).")
-_COND = flags.DEFINE_list("cond_modes", [], "Conditioned modes to score: i2v, extend_forward.")
+_COND = flags.DEFINE_list("cond_modes", [], "Conditioned modes to score: i2v, extend_forward, "
+                          "extend_forward_half.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 COND_ATTRIBUTES = ("color", "direction")
+# Scored conditioned modes: (prompt field, what of the held-out clip is given). `extend_forward` continues from
+# the clip's last frames, where its shape has finished its travel; `extend_forward_half` from the end of its
+# first half, mid-travel.
+COND_MODES = {
+    "i2v": ("image", lambda v: v[0]),
+    "extend_forward": ("video", lambda v: v),
+    "extend_forward_half": ("video", lambda v: v[:len(v) // 2]),
+}
 
 
 def main(argv):
@@ -73,12 +83,12 @@ def main(argv):
     result["cond"] = {"solver": solver, "steps": steps, "attributes": COND_ATTRIBUTES,
                       "clips": scorer.prompt_adherence([c["video"] for c in clips], cond_labels, COND_ATTRIBUTES)}
     for mode in _COND.value:
-      field = {"i2v": "image", "extend_forward": "video"}.get(mode)
-      if field is None:
-        raise app.UsageError(f"--cond_modes: {mode!r} is not scored; choose i2v or extend_forward")
-      cond_prompts = [dict(caption=c["caption"], mode=mode, frames=size[0], height=size[1], width=size[2],
-                           seed=i, **{field: c["video"][0] if field == "image" else c["video"]})
-                      for i, c in enumerate(clips)]
+      given = COND_MODES.get(mode)
+      if given is None:
+        raise app.UsageError(f"--cond_modes: {mode!r} is not scored; choose from {sorted(COND_MODES)}")
+      field, cut = given
+      cond_prompts = [dict(caption=c["caption"], mode=mode.replace("_half", ""), frames=size[0], height=size[1],
+                           width=size[2], seed=i, **{field: cut(c["video"])}) for i, c in enumerate(clips)]
       videos, _ = generate.generate_with(config, models, mesh, cond_prompts, steps=steps, solver=solver,
                                          write_files=False)
       result["cond"][mode] = scorer.prompt_adherence(videos, cond_labels, COND_ATTRIBUTES)
