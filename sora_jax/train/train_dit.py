@@ -173,7 +173,8 @@ def load_pretrained_text(config, graphdef, state, shardings, mesh):
     text_pretrained.load_weights(model.text, config.text.get("path") or None)
     _, params, rest = nnx.split(model, nnx.Param, ...)
   logging.info("DiT: loaded pretrained %s text encoder", config.text.encoder)
-  ema = None if state.ema is None else params
+  # The EMA starts equal to the weights but in buffers of its own: the train step donates both.
+  ema = None if state.ema is None else jax.tree.map(jnp.copy, params)
   return jax.device_put(state.replace(params=params, rest=rest, ema=ema), shardings)
 
 

@@ -77,7 +77,7 @@ def test_tool_writes_every_caption_once_with_progress(setup):
 def test_precomputed_gives_the_live_encoder_loss(setup):
   config, workdir, _, path, _ = setup
   mesh = mesh_lib.make_mesh([(a, -1 if a == "data" else 1) for a in mesh_lib.AXES], devices=jax.devices()[:1])
-  created, _ = train_dit.create(config, mesh)
+  created, tx = train_dit.create(config, mesh)
   state = train_dit.load_pretrained_text(config, created.graphdef, created.state, created.shardings, mesh)
   # Zero-initialised output layers make a fresh DiT ignore its conditioning: move every trainable weight.
   leaves, tree = jax.tree.flatten(state.params)
@@ -111,6 +111,12 @@ def test_precomputed_gives_the_live_encoder_loss(setup):
   val = lambda c, b: evaluate.validation_loss(c, created.graphdef, params, state.rest, b, mesh)["val_loss"]
   np.testing.assert_allclose(val(pre_config, pre_val), val(config, evaluate.validation_batches(config, workdir)),
                              rtol=1e-5)
+
+  # A train step on the freshly loaded state (it donates params and EMA, which must not share buffers).
+  with mesh_lib.use(mesh, mesh_lib.DIT_RULES):
+    step = train_dit.make_train_step(pre_config, created.graphdef, tx, created.shardings)
+    _, metrics = step(state, mesh_lib.global_batch(pre, mesh))
+  assert np.isfinite(float(metrics["loss"]))
 
 
 def test_embeddings_of_another_cache_are_refused(setup, tmp_path):
