@@ -1,0 +1,377 @@
+r"""DiT training step (forward + backward + AdamW): sora_jax's DiT vs diffusers `WanTransformer3DModel`.
+
+  JAX_PLATFORMS=cpu PYTHONPATH=. .venv/bin/python tools/bench_dit.py --ref_python=/tmp/benchvenv/bin/python
+
+  # a few seconds' smoke run
+  JAX_PLATFORMS=cpu PYTHONPATH=. .venv/bin/python tools/bench_dit.py --ref_python=/tmp/benchvenv/bin/python \
+      --layers=1 --width=64 --heads=2 --mlp=256 --text_dim=64 --latent=1x8x8 --text_tokens=8 --steps=2 \
+      --rounds=1 --warmup=1 --peak_n=512
+
+Both sides at one configuration (defaults: width 384, 6 heads of 64, 12 layers, MLP 1536, 16 latent channels,
+patch 1x2x2, latent 5x32x32 = 1280 tokens per sample, batch 2, 64 text tokens of width 384, fp32), random
+weights, one whole training step timed:
+- ours: the real `train_dit.make_train_step` (flow-matching loss with logit-normal t and the resolution
+  shift, `value_and_grad`, clip by global norm 1.0, AdamW) on a one-device mesh, built from
+  `configs/tiny_t2v.py` by `make_config`. The text side is precomputed: the batch carries `text_states`
+  [B, 64, text_dim] and `text_pooled`, so the step never calls the text encoder (the step's own path for
+  frozen, precomputed encoders). The config's trainable encoder is the bare embedding (depth 0, byte vocab:
+  258 x text_dim parameters, counted separately as `ours_text_params`); it gets zero gradients but is still
+  in the AdamW update, 0.25% of the parameters. No EMA, no frame conditioning (mask strategy 'none').
+- peer: diffusers' `WanTransformer3DModel` (Wan2.1's DiT), the same loss (x_t = (1 - t) x0 + t noise,
+  MSE against noise - x0, timestep 1000 t), `clip_grad_norm_(1.0)`, `torch.optim.AdamW` (defaults).
+Each side lives in its own worker process (ours in this interpreter, the peer in `--ref_python`, a venv with
+torch and diffusers), both pinned to the same `--threads` cores (sched_setaffinity: XLA sizes its pool from
+it; torch.set_num_threads). Workers build, compile and warm up once, then the parent alternates them for
+`--rounds` rounds of `--steps` timed steps (the order flips every round), so both see the same noise on a
+shared machine; the idle worker blocks on a pipe. Reported step times are medians over all timed steps.
+
+Throughput: the analytic training FLOPs of one step (`sora_jax/train/flops.py`, 3x forward, matmuls only,
+the same count for both sides) over the step time, as a fraction of the machine's matmul peak: the best
+GFLOP/s of a `--peak_n`-square fp32 matmul in jax and in torch, measured by each worker after every round.
+The last line is one JSON object: `step_time_ratio` (ours / peer), `fraction_of_matmul_peak` (ours),
+`peer_fraction_of_matmul_peak`, both step times, parameter counts, threads and the peak.
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+_MARK = "BENCH_DIT "  # prefix of the workers' result lines (libraries may print to stdout too)
+IMPLS = ("ours", "peer")
+
+
+def _define_flags():
+  """Registers the command-line flags (only when run as a script, so tests can import this module)."""
+  flags.DEFINE_integer("width", 384, "Model width (Wan: num_attention_heads * attention_head_dim).")
+  flags.DEFINE_integer("heads", 6, "Attention heads.")
+  flags.DEFINE_integer("layers", 12, "Transformer blocks.")
+  flags.DEFINE_integer("mlp", 1536, "MLP hidden width (Wan: ffn_dim).")
+  flags.DEFINE_integer("channels", 16, "Latent channels in and out.")
+  flags.DEFINE_string("latent", "5x32x32", "Latent frames x height x width of one sample.")
+  flags.DEFINE_string("patch", "1x2x2", "Patch (t x h x w).")
+  flags.DEFINE_integer("batch", 2, "Samples per step.")
+  flags.DEFINE_integer("text_tokens", 64, "Text tokens per sample.")
+  flags.DEFINE_integer("text_dim", 384, "Width of the text states.")
+  flags.DEFINE_string("attention", "auto", "config.attention of ours (auto: blockwise on CPU above 1024 tokens).")
+  flags.DEFINE_integer("warmup", 1, "Untimed steps per worker after build (and, for ours, the compile).")
+  flags.DEFINE_integer("steps", 3, "Timed steps per worker per round.")
+  flags.DEFINE_integer("rounds", 3, "Alternating rounds.")
+  flags.DEFINE_integer("threads", 2, "Cores each worker is pinned to (0: all of this process's cores).")
+  flags.DEFINE_integer("peak_n", 2048, "Side of the square fp32 matmul that measures the peak.")
+  flags.DEFINE_string("impls", "ours,peer", "Which sides to run.")
+  flags.DEFINE_string("ref_python", "/tmp/benchvenv/bin/python", "Interpreter with torch + diffusers (peer).")
+  flags.DEFINE_string("worker", "", "internal: ours|peer")
+
+
+def _dims(s: str) -> tuple[int, ...]:
+  return tuple(int(v) for v in s.split("x"))
+
+
+# ---------------------------------------------------------------- the shared configuration (no torch, no jax)
+
+
+def make_config(*, width=384, heads=6, layers=12, mlp=1536, channels=16, latent=(5, 32, 32), patch=(1, 2, 2),
+                batch=2, text_tokens=64, text_dim=384, attention="auto"):
+  """configs/tiny_t2v.py resized to the benchmark's DiT; one sample per packed row, text precomputed."""
+  from configs import tiny_t2v  # pylint: disable=g-import-not-at-top
+  c = tiny_t2v.get_config()
+  c.compilation_cache = ""
+  c.attention = attention
+  c.vae.latent_channels = channels
+  # Text states come precomputed in the batch; the encoder that must exist is the bare byte embedding.
+  c.text.update(encoder="trainable", tokenizer="bytes", depth=0, width=text_dim, num_heads=heads,
+                max_len=text_tokens)
+  c.dit.update(width=width, depth=layers, num_heads=heads, mlp_ratio=mlp / width, patch_size=tuple(patch),
+               qk_norm=True, scan_layers=True, remat="none", dtype="float32")
+  tokens = 1
+  for s, p in zip(latent, patch):
+    if s % p:
+      raise ValueError(f"latent {latent} does not divide by patch {patch}")
+    tokens *= s // p
+  c.train_dit.update(batch_size=batch, seq_len=tokens, text_seq_len=text_tokens, max_segments=1,
+                     ema_decay=0.0, grad_clip=1.0, weight_decay=0.01, warmup_steps=10, steps=1000)
+  c.cond.mask_ratios = {"none": 1.0}
+  return c
+
+
+def step_flops(config) -> float:
+  """Analytic training FLOPs of one step (all rows full): the numerator of both sides' GFLOP/s."""
+  from sora_jax.train import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  return flops_lib.train_flops_per_step(config)
+
+
+def make_batch(config, latent, seed=0) -> dict:
+  """A packed batch of `batch_size` rows, one full sample each, with precomputed text states (numpy)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from sora_jax.data import packing  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  B, Lt, Dt = config.train_dit.batch_size, config.train_dit.text_seq_len, config.text.width
+  rows = {k: [] for k in ("tokens", "coords", "grid")}
+  for _ in range(B):
+    x = rng.standard_normal((*latent, config.vae.latent_channels)).astype(np.float32)
+    tokens, coords, grid = packing.patchify(x, config.dit.patch_size)
+    rows["tokens"].append(tokens)
+    rows["coords"].append(coords)
+    rows["grid"].append(grid[None])
+  L = config.train_dit.seq_len
+  states = rng.standard_normal((B, Lt, Dt)).astype(np.float32)
+  return {
+      "tokens": np.stack(rows["tokens"]), "coords": np.stack(rows["coords"]),
+      "tokens_segment_ids": np.ones((B, L), np.int32), "grid": np.stack(rows["grid"]),
+      "text_segment_ids": np.ones((B, Lt), np.int32),
+      "text_positions": np.broadcast_to(np.arange(Lt, dtype=np.int32), (B, Lt)).copy(),
+      "text_states": states, "text_pooled": states.mean(axis=1, keepdims=True),
+  }
+
+
+# ---------------------------------------------------------------- workers
+
+
+def _pin(threads: int) -> int:
+  """Pins this process to `threads` cores (before jax / torch start their pools); returns the count."""
+  cores = sorted(os.sched_getaffinity(0))
+  if threads and threads < len(cores):
+    cores = cores[:threads]
+    os.sched_setaffinity(0, cores)
+  for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[var] = str(len(cores))
+  return len(cores)
+
+
+def _best_gflops(fn, flop: float, repeats: int = 5) -> float:
+  fn()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - t0)
+  return flop / best / 1e9
+
+
+class Ours:
+  """sora_jax's real DiT train step on a one-device mesh."""
+
+  def __init__(self, config, latent, peak_n):
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    from sora_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+    from sora_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+    from sora_jax.train import train_dit  # pylint: disable=g-import-not-at-top
+    self._jax, self._mesh_lib = jax, mesh_lib
+    self.mesh = mesh_lib.make_mesh([(a, -1 if a == "data" else 1) for a in mesh_lib.AXES],
+                                   devices=jax.devices()[:1])
+    created, tx = train_dit.create(config, self.mesh)
+    self.state = created.state
+    self.params = state_lib.num_params(self.state.params)
+    self.text_params = state_lib.num_params(self.state.params["text"])
+    with mesh_lib.use(self.mesh, mesh_lib.DIT_RULES):
+      self.batch = mesh_lib.global_batch(make_batch(config, latent), self.mesh)
+      self.train_step = train_dit.make_train_step(config, created.graphdef, tx, created.shardings)
+    a = jnp.asarray(jax.random.normal(jax.random.key(0), (peak_n, peak_n)))
+    b = jnp.asarray(jax.random.normal(jax.random.key(1), (peak_n, peak_n)))
+    mm = jax.jit(jnp.matmul)
+    self._peak = lambda: _best_gflops(lambda: mm(a, b).block_until_ready(), 2.0 * peak_n ** 3)
+
+  def step(self) -> float:
+    with self._mesh_lib.use(self.mesh, self._mesh_lib.DIT_RULES):
+      t0 = time.perf_counter()
+      self.state, metrics = self.train_step(self.state, self.batch)
+      self._jax.block_until_ready((self.state, metrics))
+      self.loss = float(metrics["loss"])
+      return time.perf_counter() - t0
+
+  def peak_gflops(self) -> float:
+    return self._peak()
+
+
+class Peer:
+  """diffusers' WanTransformer3DModel, the same loss and update in torch."""
+
+  def __init__(self, args, threads, peak_n):
+    import torch  # pylint: disable=g-import-not-at-top
+    from diffusers import WanTransformer3DModel  # pylint: disable=g-import-not-at-top
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    self._torch = torch
+    self.model = WanTransformer3DModel(
+        patch_size=_dims(args["patch"]), num_attention_heads=args["heads"],
+        attention_head_dim=args["width"] // args["heads"], in_channels=args["channels"],
+        out_channels=args["channels"], text_dim=args["text_dim"], freq_dim=256, ffn_dim=args["mlp"],
+        num_layers=args["layers"], cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+        image_dim=None, added_kv_proj_dim=None).train()
+    self.params = sum(p.numel() for p in self.model.parameters())
+    self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.01)
+    B = args["batch"]
+    self.x0 = torch.randn(B, args["channels"], *_dims(args["latent"]))
+    self.text = torch.randn(B, args["text_tokens"], args["text_dim"])
+    a, b = torch.randn(peak_n, peak_n), torch.randn(peak_n, peak_n)
+    self._peak = lambda: _best_gflops(lambda: torch.mm(a, b), 2.0 * peak_n ** 3)
+
+  def step(self) -> float:
+    torch = self._torch
+    t0 = time.perf_counter()
+    self.opt.zero_grad(set_to_none=True)
+    t = torch.sigmoid(torch.randn(self.x0.shape[0]))  # logit-normal, as ours
+    noise = torch.randn_like(self.x0)
+    tt = t.view(-1, 1, 1, 1, 1)
+    x_t = (1 - tt) * self.x0 + tt * noise
+    pred = self.model(hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=self.text,
+                      return_dict=False)[0]
+    loss = torch.nn.functional.mse_loss(pred, noise - self.x0)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+    self.opt.step()
+    self.loss = float(loss.detach())
+    return time.perf_counter() - t0
+
+  def peak_gflops(self) -> float:
+    return self._peak()
+
+
+def _emit(obj: dict) -> None:
+  print(_MARK + json.dumps(obj), flush=True)
+
+
+def run_worker(impl: str, args: dict) -> None:
+  """Builds, warms up, then serves 'run' (timed steps + matmul peak) until 'quit' on stdin."""
+  threads = _pin(args["threads"])
+  t0 = time.perf_counter()
+  latent = _dims(args["latent"])
+  if impl == "ours":
+    config = make_config(**{k: args[k] for k in ("width", "heads", "layers", "mlp", "channels", "batch",
+                                                  "text_tokens", "text_dim", "attention")},
+                         latent=latent, patch=_dims(args["patch"]))
+    bench = Ours(config, latent, args["peak_n"])
+  else:
+    bench = Peer(args, threads, args["peak_n"])
+  build_s = time.perf_counter() - t0
+  first_s = bench.step()  # ours: compile + one step
+  for _ in range(args["warmup"] - 1):
+    bench.step()
+  _emit({"ready": True, "threads": threads, "params": bench.params,
+         "text_params": getattr(bench, "text_params", 0), "build_s": build_s, "first_step_s": first_s,
+         "loss": bench.loss})
+  for line in sys.stdin:
+    if line.strip() == "quit":
+      return
+    times = [bench.step() for _ in range(args["steps"])]
+    _emit({"step_s": times, "peak_gflops": bench.peak_gflops(), "loss": bench.loss})
+
+
+# ---------------------------------------------------------------- parent
+
+
+class _Worker:
+
+  def __init__(self, impl, python, argv):
+    self.impl = impl
+    self.log = tempfile.NamedTemporaryFile("w+", prefix=f"bench_dit_{impl}_", suffix=".log", delete=False)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    self.proc = subprocess.Popen([python, os.path.abspath(__file__), f"--worker={impl}", *argv], env=env,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+
+  def read(self) -> dict:
+    for line in self.proc.stdout:
+      if line.startswith(_MARK):
+        return json.loads(line[len(_MARK):])
+    self.proc.wait()
+    self.log.seek(0)
+    tail = "".join(self.log.readlines()[-30:])
+    raise RuntimeError(f"{self.impl} worker exited with {self.proc.returncode}; its log "
+                       f"({self.log.name}) ends:\n{tail}")
+
+  def send(self, cmd: str) -> None:
+    self.proc.stdin.write(cmd + "\n")
+    self.proc.stdin.flush()
+
+  def close(self) -> None:
+    if self.proc.poll() is None:
+      self.send("quit")
+      self.proc.wait(timeout=60)
+
+
+def main(argv):
+  del argv
+  F = flags.FLAGS
+  names = ("width", "heads", "layers", "mlp", "channels", "latent", "patch", "batch", "text_tokens",
+           "text_dim", "attention", "warmup", "steps", "rounds", "threads", "peak_n")
+  args = {n: F[n].value for n in names}
+  if F.worker:
+    run_worker(F.worker, args)
+    return
+
+  impls = [i for i in F.impls.split(",") if i and not (i == "peer" and not F.ref_python)]
+  common = [f"--{n}={args[n]}" for n in names]
+  latent = _dims(args["latent"])
+  config = make_config(**{k: args[k] for k in ("width", "heads", "layers", "mlp", "channels", "batch",
+                                                "text_tokens", "text_dim", "attention")},
+                       latent=latent, patch=_dims(args["patch"]))
+  flop = step_flops(config)
+  print(f"step: {flop / 1e9:.1f} GFLOP analytic (batch {args['batch']} x {config.train_dit.seq_len} video "
+        f"+ {args['text_tokens']} text tokens, {args['layers']} layers of width {args['width']})", flush=True)
+
+  workers, ready = {}, {}
+  try:
+    for impl in impls:  # one at a time, so neither build nor compile overlaps the other
+      workers[impl] = _Worker(impl, sys.executable if impl == "ours" else F.ref_python, common)
+      ready[impl] = workers[impl].read()
+      print(f"{impl}: ready, {ready[impl]['params'] / 1e6:.2f}M params, {ready[impl]['threads']} threads, "
+            f"build {ready[impl]['build_s']:.1f} s, first step {ready[impl]['first_step_s']:.1f} s", flush=True)
+    times = {i: [] for i in impls}
+    peaks = {i: [] for i in impls}
+    rounds = []
+    for r in range(args["rounds"]):
+      order = impls if r % 2 == 0 else impls[::-1]
+      row = {}
+      for impl in order:
+        workers[impl].send("run")
+        res = workers[impl].read()
+        times[impl] += res["step_s"]
+        peaks[impl].append(res["peak_gflops"])
+        row[impl] = statistics.median(res["step_s"]) * 1e3
+        print(f"round {r + 1}/{args['rounds']} {impl}: median {row[impl]:.0f} ms "
+              f"(steps {', '.join(f'{t * 1e3:.0f}' for t in res['step_s'])}), loss {res['loss']:.3f}, "
+              f"matmul {res['peak_gflops']:.1f} GFLOP/s", flush=True)
+      rounds.append(row)
+  finally:
+    for w in workers.values():
+      w.close()
+
+  peak = max(max(p) for p in peaks.values())
+  out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+         "threads": ready[impls[0]]["threads"], "step_gflop": flop / 1e9, "matmul_peak_gflops": peak,
+         "matmul_peak_by_impl": {i: max(p) for i, p in peaks.items()}, "rounds": rounds,
+         "config": {**{k: args[k] for k in names if k not in ("warmup", "steps", "rounds")},
+                    "tokens_per_sample": config.train_dit.seq_len}}
+  for impl in impls:
+    ms = statistics.median(times[impl]) * 1e3
+    gflops = flop / 1e9 / (ms / 1e3)
+    out[f"{impl}_step_ms"] = ms
+    out[f"{impl}_gflops"] = gflops
+    out[f"{impl}_fraction_of_matmul_peak"] = gflops / peak
+    out[f"{impl}_params"] = ready[impl]["params"]
+    out[f"{impl}_timed_steps"] = len(times[impl])
+  if "ours" in impls:
+    out["ours_text_params"] = ready["ours"]["text_params"]
+    out["ours_dit_params"] = ready["ours"]["params"] - ready["ours"]["text_params"]
+    out["fraction_of_matmul_peak"] = out["ours_fraction_of_matmul_peak"]
+  if len(impls) == 2:
+    out["step_time_ratio"] = out["ours_step_ms"] / out["peer_step_ms"]
+    out["round_ratios"] = [r["ours"] / r["peer"] for r in rounds]
+    print(f"ours {out['ours_step_ms']:.0f} ms vs peer {out['peer_step_ms']:.0f} ms: ratio "
+          f"{out['step_time_ratio']:.2f}; {100 * out['ours_fraction_of_matmul_peak']:.1f}% vs "
+          f"{100 * out['peer_fraction_of_matmul_peak']:.1f}% of a {peak:.1f} GFLOP/s matmul peak", flush=True)
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
