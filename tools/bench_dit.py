@@ -1,6 +1,8 @@
 r"""DiT training step (forward + backward + AdamW): sora_jax's DiT vs diffusers `WanTransformer3DModel`.
 
-  JAX_PLATFORMS=cpu PYTHONPATH=. .venv/bin/python tools/bench_dit.py --ref_python=/tmp/benchvenv/bin/python
+  python3 -m venv /tmp/benchvenv && /tmp/benchvenv/bin/pip install -e '.[test,parity]' torch==2.13.0
+  JAX_PLATFORMS=cpu PYTHONPATH=. .venv/bin/python tools/bench_dit.py --ref_python=/tmp/benchvenv/bin/python \
+      [--breakdown]
 
   # a few seconds' smoke run
   JAX_PLATFORMS=cpu PYTHONPATH=. .venv/bin/python tools/bench_dit.py --ref_python=/tmp/benchvenv/bin/python \
@@ -18,7 +20,8 @@ weights, one whole training step timed:
   258 x text_dim parameters, counted separately as `ours_text_params`); it gets zero gradients but is still
   in the AdamW update, 0.25% of the parameters. No EMA, no frame conditioning (mask strategy 'none').
 - peer: diffusers' `WanTransformer3DModel` (Wan2.1's DiT), the same loss (x_t = (1 - t) x0 + t noise,
-  MSE against noise - x0, timestep 1000 t), `clip_grad_norm_(1.0)`, `torch.optim.AdamW` (defaults).
+  MSE against noise - x0, timestep 1000 t), `clip_grad_norm_(1.0)`, `torch.optim.AdamW` (betas (0.9, 0.99)
+  and weight decay 0.01, as ours).
 Each side lives in its own worker process (ours in this interpreter, the peer in `--ref_python`, a venv with
 torch and diffusers), both pinned to the same `--threads` cores (sched_setaffinity: XLA sizes its pool from
 it; torch.set_num_threads). Workers build, compile and warm up once, then the parent alternates them for
@@ -28,6 +31,9 @@ shared machine; the idle worker blocks on a pipe. Reported step times are median
 Throughput: the analytic training FLOPs of one step (`sora_jax/train/flops.py`, 3x forward, matmuls only,
 the same count for both sides) over the step time, as a fraction of the machine's matmul peak: the best
 GFLOP/s of a `--peak_n`-square fp32 matmul in jax and in torch, measured by each worker after every round.
+`--breakdown` then times, in each worker, the loss forward, forward + backward, and self-attention alone
+at the model's shapes (ours: the backend `--attention` resolves to; peer: torch SDPA); `--peer_adamw` picks
+torch's AdamW implementation (default: what torch picks for CPU tensors, the for-loop one).
 The last line is one JSON object: `step_time_ratio` (ours / peer), `fraction_of_matmul_peak` (ours),
 `peer_fraction_of_matmul_peak`, both step times, parameter counts, threads and the peak.
 """
@@ -67,6 +73,10 @@ def _define_flags():
   flags.DEFINE_integer("threads", 2, "Cores each worker is pinned to (0: all of this process's cores).")
   flags.DEFINE_integer("peak_n", 2048, "Side of the square fp32 matmul that measures the peak.")
   flags.DEFINE_string("impls", "ours,peer", "Which sides to run.")
+  flags.DEFINE_enum("peer_adamw", "default", ["default", "foreach", "fused"],
+                    "torch AdamW implementation (default: what torch picks for CPU tensors).")
+  flags.DEFINE_bool("breakdown", False, "After the rounds, time the step's parts in each worker: forward "
+                    "(loss), forward + backward, and self-attention alone at the model's shapes.")
   flags.DEFINE_string("ref_python", "/tmp/benchvenv/bin/python", "Interpreter with torch + diffusers (peer).")
   flags.DEFINE_string("worker", "", "internal: ours|peer")
 
@@ -169,7 +179,7 @@ class Ours:
     self.mesh = mesh_lib.make_mesh([(a, -1 if a == "data" else 1) for a in mesh_lib.AXES],
                                    devices=jax.devices()[:1])
     created, tx = train_dit.create(config, self.mesh)
-    self.state = created.state
+    self.config, self.graphdef, self.state = config, created.graphdef, created.state
     self.params = state_lib.num_params(self.state.params)
     self.text_params = state_lib.num_params(self.state.params["text"])
     with mesh_lib.use(self.mesh, mesh_lib.DIT_RULES):
@@ -191,6 +201,42 @@ class Ours:
   def peak_gflops(self) -> float:
     return self._peak()
 
+  def parts(self, reps: int) -> dict:
+    """Median ms of the loss forward, forward + backward, and self-attention alone (fwd, fwd + bwd)."""
+    jax = self._jax
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    from sora_jax.models import attention as attention_lib  # pylint: disable=g-import-not-at-top
+    from sora_jax.train import train_dit  # pylint: disable=g-import-not-at-top
+    rng = jax.random.key(0)
+    rest, batch = self.state.rest, self.batch
+
+    def loss(params, batch):
+      return train_dit.denoiser_loss(nnx.merge(self.graphdef, params, rest), batch, rng, self.config)
+
+    c = self.config
+    B, L, H = c.train_dit.batch_size, c.train_dit.seq_len, c.dit.num_heads
+    q, k, v = (jax.random.normal(jax.random.key(i), (B, L, H, c.dit.width // H)) for i in range(3))
+    seg = jnp.ones((B, L), jnp.int32)
+    backend = attention_lib.resolve_backend(c.attention, L, L)
+    attn = lambda q, k, v: attention_lib.attention(q, k, v, seg, seg, backend=backend)  # noqa: E731
+    fns = {"forward": (jax.jit(loss), (self.state.params, batch)),
+           "forward_backward": (jax.jit(jax.value_and_grad(loss)), (self.state.params, batch)),
+           f"attention_{backend}_forward": (jax.jit(attn), (q, k, v)),
+           f"attention_{backend}_forward_backward": (
+               jax.jit(jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v)), argnums=(0, 1, 2))), (q, k, v))}
+    out = {}
+    with self._mesh_lib.use(self.mesh, self._mesh_lib.DIT_RULES):
+      for name, (fn, args) in fns.items():
+        jax.block_until_ready(fn(*args))
+        times = []
+        for _ in range(reps):
+          t0 = time.perf_counter()
+          jax.block_until_ready(fn(*args))
+          times.append(time.perf_counter() - t0)
+        out[name] = statistics.median(times) * 1e3
+    return out
+
 
 class Peer:
   """diffusers' WanTransformer3DModel, the same loss and update in torch."""
@@ -208,24 +254,30 @@ class Peer:
         num_layers=args["layers"], cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
         image_dim=None, added_kv_proj_dim=None).train()
     self.params = sum(p.numel() for p in self.model.parameters())
-    self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.01)
+    impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[args.get("peer_adamw", "default")]
+    self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.01, **impl)
+    self.args = args
     B = args["batch"]
     self.x0 = torch.randn(B, args["channels"], *_dims(args["latent"]))
     self.text = torch.randn(B, args["text_tokens"], args["text_dim"])
     a, b = torch.randn(peak_n, peak_n), torch.randn(peak_n, peak_n)
     self._peak = lambda: _best_gflops(lambda: torch.mm(a, b), 2.0 * peak_n ** 3)
 
-  def step(self) -> float:
+  def _loss(self):
     torch = self._torch
-    t0 = time.perf_counter()
-    self.opt.zero_grad(set_to_none=True)
     t = torch.sigmoid(torch.randn(self.x0.shape[0]))  # logit-normal, as ours
     noise = torch.randn_like(self.x0)
     tt = t.view(-1, 1, 1, 1, 1)
     x_t = (1 - tt) * self.x0 + tt * noise
     pred = self.model(hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=self.text,
                       return_dict=False)[0]
-    loss = torch.nn.functional.mse_loss(pred, noise - self.x0)
+    return torch.nn.functional.mse_loss(pred, noise - self.x0)
+
+  def step(self) -> float:
+    torch = self._torch
+    t0 = time.perf_counter()
+    self.opt.zero_grad(set_to_none=True)
+    loss = self._loss()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
     self.opt.step()
@@ -234,6 +286,42 @@ class Peer:
 
   def peak_gflops(self) -> float:
     return self._peak()
+
+  def parts(self, reps: int) -> dict:
+    """Median ms of the loss forward (autograd on), forward + backward, and self-attention alone (SDPA)."""
+    torch = self._torch
+    a = self.args
+    B, H = a["batch"], a["heads"]
+    L = 1
+    for s, p in zip(_dims(a["latent"]), _dims(a["patch"])):
+      L *= s // p
+    q, k, v = (torch.randn(B, H, L, a["width"] // H, requires_grad=True) for _ in range(3))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def fwd_bwd():
+      self.model.zero_grad(set_to_none=True)
+      self._loss().backward()
+
+    def attn_fwd_bwd():
+      sdpa(q, k, v).sum().backward()
+      q.grad = k.grad = v.grad = None
+
+    def attn_fwd():
+      with torch.no_grad():
+        sdpa(q, k, v)
+
+    fns = {"forward": lambda: self._loss(), "forward_backward": fwd_bwd, "attention_sdpa_forward": attn_fwd,
+           "attention_sdpa_forward_backward": attn_fwd_bwd}
+    out = {}
+    for name, fn in fns.items():
+      fn()
+      times = []
+      for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+      out[name] = statistics.median(times) * 1e3
+    return out
 
 
 def _emit(obj: dict) -> None:
@@ -262,6 +350,9 @@ def run_worker(impl: str, args: dict) -> None:
   for line in sys.stdin:
     if line.strip() == "quit":
       return
+    if line.strip() == "breakdown":
+      _emit({"parts_ms": bench.parts(max(args["steps"], 1))})
+      continue
     times = [bench.step() for _ in range(args["steps"])]
     _emit({"step_s": times, "peak_gflops": bench.peak_gflops(), "loss": bench.loss})
 
@@ -302,7 +393,7 @@ def main(argv):
   del argv
   F = flags.FLAGS
   names = ("width", "heads", "layers", "mlp", "channels", "latent", "patch", "batch", "text_tokens",
-           "text_dim", "attention", "warmup", "steps", "rounds", "threads", "peak_n")
+           "text_dim", "attention", "warmup", "steps", "rounds", "threads", "peak_n", "peer_adamw")
   args = {n: F[n].value for n in names}
   if F.worker:
     run_worker(F.worker, args)
@@ -341,6 +432,13 @@ def main(argv):
               f"(steps {', '.join(f'{t * 1e3:.0f}' for t in res['step_s'])}), loss {res['loss']:.3f}, "
               f"matmul {res['peak_gflops']:.1f} GFLOP/s", flush=True)
       rounds.append(row)
+    breakdown = {}
+    if F.breakdown:
+      for impl in impls:
+        workers[impl].send("breakdown")
+        breakdown[impl] = workers[impl].read()["parts_ms"]
+        print(f"breakdown {impl}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in breakdown[impl].items()),
+              flush=True)
   finally:
     for w in workers.values():
       w.close()
@@ -349,6 +447,7 @@ def main(argv):
   out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
          "threads": ready[impls[0]]["threads"], "step_gflop": flop / 1e9, "matmul_peak_gflops": peak,
          "matmul_peak_by_impl": {i: max(p) for i, p in peaks.items()}, "rounds": rounds,
+         **({"breakdown_ms": breakdown} if breakdown else {}),
          "config": {**{k: args[k] for k in names if k not in ("warmup", "steps", "rounds")},
                     "tokens_per_sample": config.train_dit.seq_len}}
   for impl in impls:

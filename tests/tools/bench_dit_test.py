@@ -44,11 +44,15 @@ def test_ours_tiny_steps_run():
   assert ours.step() > 0 and ours.step() > 0
   assert np.isfinite(ours.loss) and ours.params > ours.text_params > 0
   assert ours.peak_gflops() > 0
+  parts = ours.parts(1)
+  assert {"forward", "forward_backward", "attention_xla_forward_backward"} <= set(parts), parts
 
 
 def test_peer_tiny_steps_run():
   pytest.importorskip("torch")
   pytest.importorskip("diffusers")
-  args = {**TINY, "latent": "1x4x4", "patch": "1x2x2"}
+  args = {**TINY, "latent": "1x4x4", "patch": "1x2x2", "peer_adamw": "default"}
   peer = bench.Peer(args, threads=1, peak_n=32)
   assert peer.step() > 0 and np.isfinite(peer.loss) and peer.params > 0
+  assert set(peer.parts(1)) == {"forward", "forward_backward", "attention_sdpa_forward",
+                                "attention_sdpa_forward_backward"}
