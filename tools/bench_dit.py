@@ -37,6 +37,7 @@ torch's AdamW implementation (default: what torch picks for CPU tensors, the for
 The last line is one JSON object: `step_time_ratio` (ours / peer), `fraction_of_matmul_peak` (ours),
 `peer_fraction_of_matmul_peak`, both step times, parameter counts, threads and the peak.
 """
+import ast
 import json
 import os
 import statistics
@@ -72,6 +73,8 @@ def _define_flags():
   flags.DEFINE_integer("rounds", 3, "Alternating rounds.")
   flags.DEFINE_integer("threads", 2, "Cores each worker is pinned to (0: all of this process's cores).")
   flags.DEFINE_integer("peak_n", 2048, "Side of the square fp32 matmul that measures the peak.")
+  flags.DEFINE_multi_string("set", [], "KEY=VALUE override of ours' config (repeatable), e.g. "
+                            "dit.scan_layers=False, for what-if runs; the FLOP count uses the same config.")
   flags.DEFINE_string("impls", "ours,peer", "Which sides to run.")
   flags.DEFINE_enum("peer_adamw", "default", ["default", "foreach", "fused"],
                     "torch AdamW implementation (default: what torch picks for CPU tensors).")
@@ -89,8 +92,11 @@ def _dims(s: str) -> tuple[int, ...]:
 
 
 def make_config(*, width=384, heads=6, layers=12, mlp=1536, channels=16, latent=(5, 32, 32), patch=(1, 2, 2),
-                batch=2, text_tokens=64, text_dim=384, attention="auto"):
-  """configs/tiny_t2v.py resized to the benchmark's DiT; one sample per packed row, text precomputed."""
+                batch=2, text_tokens=64, text_dim=384, attention="auto", overrides=()):
+  """configs/tiny_t2v.py resized to the benchmark's DiT; one sample per packed row, text precomputed.
+
+  `overrides`: "a.b=value" strings applied last (values parsed as Python literals, else kept as strings).
+  """
   from configs import tiny_t2v  # pylint: disable=g-import-not-at-top
   c = tiny_t2v.get_config()
   c.compilation_cache = ""
@@ -109,6 +115,19 @@ def make_config(*, width=384, heads=6, layers=12, mlp=1536, channels=16, latent=
   c.train_dit.update(batch_size=batch, seq_len=tokens, text_seq_len=text_tokens, max_segments=1,
                      ema_decay=0.0, grad_clip=1.0, weight_decay=0.01, warmup_steps=10, steps=1000)
   c.cond.mask_ratios = {"none": 1.0}
+  for item in overrides:
+    key, _, value = item.partition("=")
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass
+    *parents, leaf = key.split(".")
+    node = c
+    for name in parents:
+      node = node[name]
+    if leaf not in node:
+      raise KeyError(f"--set {item!r}: no config field {key!r}")
+    node[leaf] = value
   return c
 
 
@@ -328,15 +347,19 @@ def _emit(obj: dict) -> None:
   print(_MARK + json.dumps(obj), flush=True)
 
 
+def _config(args: dict):
+  return make_config(**{k: args[k] for k in ("width", "heads", "layers", "mlp", "channels", "batch",
+                                             "text_tokens", "text_dim", "attention")},
+                     latent=_dims(args["latent"]), patch=_dims(args["patch"]), overrides=args["set"])
+
+
 def run_worker(impl: str, args: dict) -> None:
   """Builds, warms up, then serves 'run' (timed steps + matmul peak) until 'quit' on stdin."""
   threads = _pin(args["threads"])
   t0 = time.perf_counter()
   latent = _dims(args["latent"])
   if impl == "ours":
-    config = make_config(**{k: args[k] for k in ("width", "heads", "layers", "mlp", "channels", "batch",
-                                                  "text_tokens", "text_dim", "attention")},
-                         latent=latent, patch=_dims(args["patch"]))
+    config = _config(args)
     bench = Ours(config, latent, args["peak_n"])
   else:
     bench = Peer(args, threads, args["peak_n"])
@@ -395,16 +418,14 @@ def main(argv):
   names = ("width", "heads", "layers", "mlp", "channels", "latent", "patch", "batch", "text_tokens",
            "text_dim", "attention", "warmup", "steps", "rounds", "threads", "peak_n", "peer_adamw")
   args = {n: F[n].value for n in names}
+  args["set"] = F.set
   if F.worker:
     run_worker(F.worker, args)
     return
 
   impls = [i for i in F.impls.split(",") if i and not (i == "peer" and not F.ref_python)]
-  common = [f"--{n}={args[n]}" for n in names]
-  latent = _dims(args["latent"])
-  config = make_config(**{k: args[k] for k in ("width", "heads", "layers", "mlp", "channels", "batch",
-                                                "text_tokens", "text_dim", "attention")},
-                       latent=latent, patch=_dims(args["patch"]))
+  common = [f"--{n}={args[n]}" for n in names] + [f"--set={v}" for v in F.set]
+  config = _config(args)
   flop = step_flops(config)
   print(f"step: {flop / 1e9:.1f} GFLOP analytic (batch {args['batch']} x {config.train_dit.seq_len} video "
         f"+ {args['text_tokens']} text tokens, {args['layers']} layers of width {args['width']})", flush=True)
@@ -449,7 +470,8 @@ def main(argv):
          "matmul_peak_by_impl": {i: max(p) for i, p in peaks.items()}, "rounds": rounds,
          **({"breakdown_ms": breakdown} if breakdown else {}),
          "config": {**{k: args[k] for k in names if k not in ("warmup", "steps", "rounds")},
-                    "tokens_per_sample": config.train_dit.seq_len}}
+                    "tokens_per_sample": config.train_dit.seq_len, "set": F.set,
+                    "xla_flags": os.environ.get("XLA_FLAGS", "")}}
   for impl in impls:
     ms = statistics.median(times[impl]) * 1e3
     gflops = flop / 1e9 / (ms / 1e3)
