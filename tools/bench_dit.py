@@ -73,6 +73,8 @@ def _define_flags():
   flags.DEFINE_integer("rounds", 3, "Alternating rounds.")
   flags.DEFINE_integer("threads", 2, "Cores each worker is pinned to (0: all of this process's cores).")
   flags.DEFINE_integer("peak_n", 2048, "Side of the square fp32 matmul that measures the peak.")
+  flags.DEFINE_bool("trace", False, "With --breakdown: profile one step of ours (jax.profiler) and attribute "
+                    "each XLA op's time to the sora_jax source line it came from, forward vs backward.")
   flags.DEFINE_multi_string("set", [], "KEY=VALUE override of ours' config (repeatable), e.g. "
                             "dit.scan_layers=False, for what-if runs; the FLOP count uses the same config.")
   flags.DEFINE_string("impls", "ours,peer", "Which sides to run.")
@@ -257,6 +259,96 @@ class Ours:
     return out
 
 
+  def profile(self, top: int = 25) -> dict:
+    """One traced step: XLA op time by the sora_jax function (file:line) that emitted the op, fwd / bwd.
+
+    Ops are matched to the compiled HLO's stack frames; control flow (while, call, conditional) only
+    contains other ops and is not counted. Op durations overlap when XLA runs independent ops on both
+    threads, so the shares are of the summed op time (`op_ms`), next to the step's wall time.
+    """
+    jax = self._jax
+    with self._mesh_lib.use(self.mesh, self._mesh_lib.DIT_RULES):
+      hlo = self.train_step.lower(self.state, self.batch).compile().as_text()
+    sources = hlo_op_sources(hlo)
+    trace_dir = tempfile.mkdtemp(prefix="bench_dit_trace_")
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    wall = self.step()
+    jax.profiler.stop_trace()
+    import glob  # pylint: disable=g-import-not-at-top
+    import gzip  # pylint: disable=g-import-not-at-top
+    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
+    with gzip.open(path) as f:
+      events = json.load(f)["traceEvents"]
+    by_where, by_kind, total = {}, {"forward": 0.0, "backward": 0.0, "optimizer": 0.0, "other": 0.0}, 0.0
+    for e in events:
+      op = (e.get("args") or {}).get("hlo_op")
+      if e.get("ph") != "X" or not op or e["name"].startswith("end:") or op.split(".")[0] in _CONTAINERS:
+        continue
+      where, kind = sources.get(op, ("?", "other"))
+      ms = e["dur"] / 1e3
+      total += ms
+      by_kind[kind] += ms
+      key = f"{kind} {where}"
+      by_where[key] = by_where.get(key, 0.0) + ms
+    ranked = sorted(by_where.items(), key=lambda kv: -kv[1])
+    return {"wall_ms": wall * 1e3, "op_ms": total, "by_kind_ms": by_kind,
+            "top_ms": dict(ranked[:top]), "trace": path}
+
+
+_CONTAINERS = ("while", "call", "conditional", "tuple", "get-tuple-element", "parameter", "constant")
+
+
+def hlo_op_sources(hlo_text: str) -> dict:
+  """HLO instruction name -> (innermost sora_jax 'file.py:function:line' or 'optax' / '?', kind).
+
+  kind: 'optimizer' for optax frames, 'backward' for ops under a transpose (the VJP), else 'forward'. Uses
+  the FileNames / FunctionNames / FileLocations / StackFrames tables that `as_text()` prints.
+  """
+  import re  # pylint: disable=g-import-not-at-top
+  tables, section = {}, None
+  for line in hlo_text.splitlines():
+    if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+      section = tables.setdefault(line, {})
+      continue
+    m = re.match(r"^(\d+) (.*)$", line) if section is not None else None
+    if m:
+      section[int(m.group(1))] = m.group(2)
+    else:
+      section = None
+  files = {k: v.strip('"') for k, v in tables.get("FileNames", {}).items()}
+  funcs = {k: v.strip('"') for k, v in tables.get("FunctionNames", {}).items()}
+  locs = {}
+  for k, v in tables.get("FileLocations", {}).items():
+    f = dict(re.findall(r"(\w+)=(\d+)", v))
+    locs[k] = (files.get(int(f["file_name_id"]), "?"), funcs.get(int(f["function_name_id"]), "?"), int(f["line"]))
+  frames = {}
+  for k, v in tables.get("StackFrames", {}).items():
+    f = dict(re.findall(r"(\w+)=(\d+)", v))
+    frames[k] = (int(f["file_location_id"]), int(f.get("parent_frame_id", 0)))
+
+  def where(frame_id):
+    seen, optax = set(), False
+    while frame_id and frame_id not in seen:
+      seen.add(frame_id)
+      loc_id, parent = frames.get(frame_id, (0, 0))
+      path, func, line = locs.get(loc_id, ("?", "?", 0))
+      if "/sora_jax/" in path and "/train/" not in path:
+        return f"{os.path.basename(path)}:{func}:{line}", False
+      optax = optax or "/optax/" in path
+      frame_id = parent
+    return ("optax" if optax else "?"), optax
+
+  out = {}
+  for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{([^}]*)\}", hlo_text, re.M):
+    name, meta = m.group(1), m.group(2)
+    op_name = re.search(r'op_name="([^"]*)"', meta)
+    frame = re.search(r"stack_frame_id=(\d+)", meta)
+    loc, is_opt = where(int(frame.group(1))) if frame else ("?", False)
+    kind = "optimizer" if is_opt else ("backward" if op_name and "transpose(" in op_name.group(1) else "forward")
+    out[name] = (loc, kind)
+  return out
+
+
 class Peer:
   """diffusers' WanTransformer3DModel, the same loss and update in torch."""
 
@@ -376,6 +468,9 @@ def run_worker(impl: str, args: dict) -> None:
     if line.strip() == "breakdown":
       _emit({"parts_ms": bench.parts(max(args["steps"], 1))})
       continue
+    if line.strip() == "profile":
+      _emit({"profile": bench.profile()})
+      continue
     times = [bench.step() for _ in range(args["steps"])]
     _emit({"step_s": times, "peak_gflops": bench.peak_gflops(), "loss": bench.loss})
 
@@ -460,6 +555,14 @@ def main(argv):
         breakdown[impl] = workers[impl].read()["parts_ms"]
         print(f"breakdown {impl}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in breakdown[impl].items()),
               flush=True)
+      if F.trace and "ours" in workers:
+        workers["ours"].send("profile")
+        prof = workers["ours"].read()["profile"]
+        breakdown["ours_profile"] = prof
+        print(f"profile ours: step {prof['wall_ms']:.0f} ms wall, {prof['op_ms']:.0f} ms of XLA ops: "
+              + ", ".join(f"{k} {v:.0f}" for k, v in prof["by_kind_ms"].items()), flush=True)
+        for k, v in prof["top_ms"].items():
+          print(f"  {v:8.1f} ms {100 * v / prof['op_ms']:5.1f}%  {k}", flush=True)
   finally:
     for w in workers.values():
       w.close()
