@@ -56,3 +56,13 @@ def test_peer_tiny_steps_run():
   assert peer.step() > 0 and np.isfinite(peer.loss) and peer.params > 0
   assert set(peer.parts(1)) == {"forward", "forward_backward", "attention_sdpa_forward",
                                 "attention_sdpa_forward_backward"}
+
+
+def test_hlo_ops_map_to_sora_jax_lines_forward_and_backward():
+  import jax
+  import jax.numpy as jnp
+  from sora_jax.models import layers
+  f = jax.jit(jax.grad(lambda x: jnp.sum(layers.LayerNorm()(x * x) ** 3)))
+  sources = bench.hlo_op_sources(f.lower(jnp.ones((4, 8))).compile().as_text())
+  kinds = {kind for where, kind in sources.values() if where.startswith("layers.py:LayerNorm.__call__:")}
+  assert kinds == {"forward", "backward"}, sources
