@@ -522,6 +522,7 @@ def main(argv):
   common = [f"--{n}={args[n]}" for n in names] + [f"--set={v}" for v in F.set]
   config = _config(args)
   flop = step_flops(config)
+  load_start = os.getloadavg()[0]
   print(f"step: {flop / 1e9:.1f} GFLOP analytic (batch {args['batch']} x {config.train_dit.seq_len} video "
         f"+ {args['text_tokens']} text tokens, {args['layers']} layers of width {args['width']})", flush=True)
 
@@ -569,6 +570,7 @@ def main(argv):
 
   peak = max(max(p) for p in peaks.values())
   out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+         "load_average_1m": [round(load_start, 2), round(os.getloadavg()[0], 2)],
          "threads": ready[impls[0]]["threads"], "step_gflop": flop / 1e9, "matmul_peak_gflops": peak,
          "matmul_peak_by_impl": {i: max(p) for i, p in peaks.items()}, "rounds": rounds,
          **({"breakdown_ms": breakdown} if breakdown else {}),
