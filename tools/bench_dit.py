@@ -26,7 +26,12 @@ Each side lives in its own worker process (ours in this interpreter, the peer in
 torch and diffusers), both pinned to the same `--threads` cores (sched_setaffinity: XLA sizes its pool from
 it; torch.set_num_threads). Workers build, compile and warm up once, then the parent alternates them for
 `--rounds` rounds of `--steps` timed steps (the order flips every round), so both see the same noise on a
-shared machine; the idle worker blocks on a pipe. Reported step times are medians over all timed steps.
+shared machine; the idle worker blocks on a pipe. Each timed step also records the share of the machine's
+CPU that other processes took meanwhile (/proc/stat busy time less the worker's own CPU time). Reported
+step times are medians over the quiet steps (share under `--quiet`) when each side has at least 3 of
+them, else over all steps (`step_times_from` says which); medians over all steps and minima are reported
+too. Contention matters more than noise here: torch's OpenMP threads slow down several-fold when another
+process takes a core, XLA's thread pool much less.
 
 Throughput: the analytic training FLOPs of one step (`sora_jax/train/flops.py`, 3x forward, matmuls only,
 the same count for both sides) over the step time, as a fraction of the machine's matmul peak: the best
@@ -72,6 +77,8 @@ def _define_flags():
   flags.DEFINE_integer("steps", 3, "Timed steps per worker per round.")
   flags.DEFINE_integer("rounds", 3, "Alternating rounds.")
   flags.DEFINE_integer("threads", 2, "Cores each worker is pinned to (0: all of this process's cores).")
+  flags.DEFINE_float("quiet", 0.1, "A step is quiet when other processes took less than this share of the "
+                     "machine's CPU during it; step times are medians over quiet steps when each side has 3.")
   flags.DEFINE_integer("peak_n", 2048, "Side of the square fp32 matmul that measures the peak.")
   flags.DEFINE_bool("trace", False, "With --breakdown: profile one step of ours (jax.profiler) and attribute "
                     "each XLA op's time to the sora_jax source line it came from, forward vs backward.")
@@ -175,6 +182,18 @@ def _pin(threads: int) -> int:
   for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[var] = str(len(cores))
   return len(cores)
+
+
+def _machine_busy_s() -> float:
+  """Seconds of CPU time the whole machine has spent busy (all cores, /proc/stat)."""
+  with open("/proc/stat") as f:
+    user, nice, system, _, _, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
+  return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+  t = os.times()
+  return t.user + t.system
 
 
 def _best_gflops(fn, flop: float, repeats: int = 5) -> float:
@@ -471,8 +490,13 @@ def run_worker(impl: str, args: dict) -> None:
     if line.strip() == "profile":
       _emit({"profile": bench.profile()})
       continue
-    times = [bench.step() for _ in range(args["steps"])]
-    _emit({"step_s": times, "peak_gflops": bench.peak_gflops(), "loss": bench.loss})
+    times, others = [], []
+    for _ in range(args["steps"]):
+      busy0, own0 = _machine_busy_s(), _own_cpu_s()
+      times.append(bench.step())
+      # CPU time other processes took during the step, as a share of the machine: 0 = the step ran alone.
+      others.append(max(0.0, (_machine_busy_s() - busy0) - (_own_cpu_s() - own0)) / (times[-1] * os.cpu_count()))
+    _emit({"step_s": times, "others": others, "peak_gflops": bench.peak_gflops(), "loss": bench.loss})
 
 
 # ---------------------------------------------------------------- parent
@@ -534,6 +558,7 @@ def main(argv):
       print(f"{impl}: ready, {ready[impl]['params'] / 1e6:.2f}M params, {ready[impl]['threads']} threads, "
             f"build {ready[impl]['build_s']:.1f} s, first step {ready[impl]['first_step_s']:.1f} s", flush=True)
     times = {i: [] for i in impls}
+    others = {i: [] for i in impls}
     peaks = {i: [] for i in impls}
     rounds = []
     for r in range(args["rounds"]):
@@ -543,10 +568,12 @@ def main(argv):
         workers[impl].send("run")
         res = workers[impl].read()
         times[impl] += res["step_s"]
+        others[impl] += res["others"]
         peaks[impl].append(res["peak_gflops"])
         row[impl] = statistics.median(res["step_s"]) * 1e3
         print(f"round {r + 1}/{args['rounds']} {impl}: median {row[impl]:.0f} ms "
-              f"(steps {', '.join(f'{t * 1e3:.0f}' for t in res['step_s'])}), loss {res['loss']:.3f}, "
+              f"(steps {', '.join(f'{t * 1e3:.0f}' for t in res['step_s'])}; others' CPU share "
+              f"{', '.join(f'{o:.2f}' for o in res['others'])}), loss {res['loss']:.3f}, "
               f"matmul {res['peak_gflops']:.1f} GFLOP/s", flush=True)
       rounds.append(row)
     breakdown = {}
@@ -577,10 +604,18 @@ def main(argv):
          "config": {**{k: args[k] for k in names if k not in ("warmup", "steps", "rounds")},
                     "tokens_per_sample": config.train_dit.seq_len, "set": F.set,
                     "xla_flags": os.environ.get("XLA_FLAGS", "")}}
+  quiet = {i: [t for t, o in zip(times[i], others[i]) if o < F.quiet] for i in impls}
+  use_quiet = all(len(q) >= 3 for q in quiet.values())
+  out["step_times_from"] = "quiet steps" if use_quiet else "all steps"
   for impl in impls:
-    ms = statistics.median(times[impl]) * 1e3
+    ms = statistics.median(quiet[impl] if use_quiet else times[impl]) * 1e3
     gflops = flop / 1e9 / (ms / 1e3)
     out[f"{impl}_step_ms"] = ms
+    out[f"{impl}_step_ms_all_steps"] = statistics.median(times[impl]) * 1e3
+    out[f"{impl}_step_ms_min"] = min(times[impl]) * 1e3
+    out[f"{impl}_quiet_steps"] = len(quiet[impl])
+    out[f"{impl}_steps_ms"] = [round(t * 1e3) for t in times[impl]]
+    out[f"{impl}_others_cpu_share"] = [round(o, 3) for o in others[impl]]
     out[f"{impl}_gflops"] = gflops
     out[f"{impl}_fraction_of_matmul_peak"] = gflops / peak
     out[f"{impl}_params"] = ready[impl]["params"]
@@ -591,8 +626,10 @@ def main(argv):
     out["fraction_of_matmul_peak"] = out["ours_fraction_of_matmul_peak"]
   if len(impls) == 2:
     out["step_time_ratio"] = out["ours_step_ms"] / out["peer_step_ms"]
+    out["step_time_ratio_all_steps"] = out["ours_step_ms_all_steps"] / out["peer_step_ms_all_steps"]
+    out["step_time_ratio_min"] = out["ours_step_ms_min"] / out["peer_step_ms_min"]
     out["round_ratios"] = [r["ours"] / r["peer"] for r in rounds]
-    print(f"ours {out['ours_step_ms']:.0f} ms vs peer {out['peer_step_ms']:.0f} ms: ratio "
+    print(f"ours {out['ours_step_ms']:.0f} ms vs peer {out['peer_step_ms']:.0f} ms ({out['step_times_from']}): ratio "
           f"{out['step_time_ratio']:.2f}; {100 * out['ours_fraction_of_matmul_peak']:.1f}% vs "
           f"{100 * out['peer_fraction_of_matmul_peak']:.1f}% of a {peak:.1f} GFLOP/s matmul peak", flush=True)
   print(json.dumps(out))
