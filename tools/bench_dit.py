@@ -27,7 +27,8 @@ torch and diffusers), both pinned to the same `--threads` cores (sched_setaffini
 it; torch.set_num_threads). Workers build, compile and warm up once, then the parent alternates them for
 `--rounds` rounds of `--steps` timed steps (the order flips every round), so both see the same noise on a
 shared machine; the idle worker blocks on a pipe. Each timed step also records the share of the machine's
-CPU that other processes took meanwhile (/proc/stat busy time less the worker's own CPU time). Reported
+pinned cores' time that other processes took meanwhile (/proc/stat busy time of those cores less the
+worker's own CPU time). Reported
 step times are medians over the quiet steps (share under `--quiet`) when each side has at least 3 of
 them, else over all steps (`step_times_from` says which); medians over all steps and minima are reported
 too. Contention matters more than noise here: torch's OpenMP threads slow down several-fold when another
@@ -78,7 +79,7 @@ def _define_flags():
   flags.DEFINE_integer("rounds", 3, "Alternating rounds.")
   flags.DEFINE_integer("threads", 2, "Cores each worker is pinned to (0: all of this process's cores).")
   flags.DEFINE_float("quiet", 0.1, "A step is quiet when other processes took less than this share of the "
-                     "machine's CPU during it; step times are medians over quiet steps when each side has 3.")
+                     "worker's cores during it; step times are medians over quiet steps when each side has 3.")
   flags.DEFINE_integer("peak_n", 2048, "Side of the square fp32 matmul that measures the peak.")
   flags.DEFINE_bool("trace", False, "With --breakdown: profile one step of ours (jax.profiler) and attribute "
                     "each XLA op's time to the sora_jax source line it came from, forward vs backward.")
@@ -185,10 +186,16 @@ def _pin(threads: int) -> int:
 
 
 def _machine_busy_s() -> float:
-  """Seconds of CPU time the whole machine has spent busy (all cores, /proc/stat)."""
+  """Seconds of CPU time this process's cores (its affinity set) have spent busy, from /proc/stat."""
+  cores = {f"cpu{c}" for c in os.sched_getaffinity(0)}
+  busy = 0
   with open("/proc/stat") as f:
-    user, nice, system, _, _, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
-  return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    for line in f:
+      fields = line.split()
+      if fields and fields[0] in cores:
+        user, nice, system, _, _, irq, softirq, steal = (int(v) for v in fields[1:9])
+        busy += user + nice + system + irq + softirq + steal
+  return busy / os.sysconf("SC_CLK_TCK")
 
 
 def _own_cpu_s() -> float:
@@ -494,8 +501,10 @@ def run_worker(impl: str, args: dict) -> None:
     for _ in range(args["steps"]):
       busy0, own0 = _machine_busy_s(), _own_cpu_s()
       times.append(bench.step())
-      # CPU time other processes took during the step, as a share of the machine: 0 = the step ran alone.
-      others.append(max(0.0, (_machine_busy_s() - busy0) - (_own_cpu_s() - own0)) / (times[-1] * os.cpu_count()))
+      # CPU time other processes took on this worker's cores during the step, as a share of those cores'
+      # time: 0 = the step had its cores to itself.
+      others.append(max(0.0, (_machine_busy_s() - busy0) - (_own_cpu_s() - own0))
+                    / (times[-1] * len(os.sched_getaffinity(0))))
     _emit({"step_s": times, "others": others, "peak_gflops": bench.peak_gflops(), "loss": bench.loss})
 
 
