@@ -58,7 +58,6 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 _MARK = "BENCH_DIT "  # prefix of the workers' result lines (libraries may print to stdout too)
-IMPLS = ("ours", "peer")
 
 
 def _define_flags():
