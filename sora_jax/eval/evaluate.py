@@ -21,6 +21,7 @@ from flax import nnx
 from sora_jax import generate as generate_lib
 from sora_jax.data import packing
 from sora_jax.data import pipeline
+from sora_jax.data import sources
 from sora_jax.data import synthetic
 from sora_jax.data import video_io
 from sora_jax.diffusion import flow
@@ -96,8 +97,14 @@ def sample_metrics(config, workdir: str, mesh, *, out_dir: str | None = None, **
   """Generates the held-out prompts; {'prompt_adherence': {attribute: accuracy}, 'fvd': ...}.
 
   FVD (when `config.eval.fvd_clips` > 0) compares the first `fvd_clips` generated videos with as many
-  ground-truth held-out clips.
+  ground-truth held-out clips. Both need the embedded data's labelled prompts: a DiT trained on other data
+  (no synthetic source) gets {} and a log line, not scores of prompts it never saw.
   """
+  kinds = [p.get("source") for p in sources.mixture(config)] or [config.data.get("source", "synthetic")]
+  if "synthetic" not in kinds:
+    logging.info("eval: prompt adherence and FVD score the embedded data's held-out prompts; the DiT "
+                 "trains on %s, so they are skipped (sample your own prompts with --mode=sample)", kinds)
+    return {}
   prompts = synthetic.heldout_prompts(config.sample.num_heldout_prompts, tuple(config.data.heldout_size),
                                       seed=config.seed)
   videos, _ = generate_lib.generate(config, workdir, mesh, prompts, out_dir=out_dir, **sample_kw)
@@ -110,7 +117,7 @@ def sample_metrics(config, workdir: str, mesh, *, out_dir: str | None = None, **
 
 def prompt_adherence(config, workdir: str, mesh, *, out_dir: str | None = None, **sample_kw) -> dict:
   """Generates the held-out prompts and scores them from pixels: {attribute: accuracy}."""
-  return sample_metrics(config, workdir, mesh, out_dir=out_dir, **sample_kw)["prompt_adherence"]
+  return sample_metrics(config, workdir, mesh, out_dir=out_dir, **sample_kw).get("prompt_adherence", {})
 
 
 # ------------------------------------------------------------------------------------------ results

@@ -24,3 +24,10 @@ def test_results_per_checkpoint_and_table(tmp_path):
 
 def test_flatten_skips_non_numbers():
   assert evaluate.flatten({"a": {"b": 1, "c": "x"}, "mode": "all", "ok": True, "d": 2.5}) == {"a/b": 1.0, "d": 2.5}
+
+
+def test_no_synthetic_prompt_scores_for_a_dit_trained_on_other_data(tmp_path):
+  from tests.data import folder_fixture  # pylint: disable=import-outside-toplevel
+  config = folder_fixture.config("runlocal")
+  # Returns before any model is restored: there is nothing under this workdir.
+  assert evaluate.sample_metrics(config, str(tmp_path), mesh=None) == {}
