@@ -34,13 +34,13 @@ _COND = flags.DEFINE_list("cond_modes", [], "Conditioned modes to score: i2v, ex
 flags.mark_flags_as_required(["config", "workdir"])
 
 COND_ATTRIBUTES = ("color", "direction")
-# Scored conditioned modes: (prompt field, what of the held-out clip is given). `extend_forward` continues from
+# Scored conditioned modes: (sampling mode, prompt field, what of the held-out clip is given). `extend_forward` continues from
 # the clip's last frames, where its shape has finished its travel; `extend_forward_half` from the end of its
 # first half, mid-travel.
 COND_MODES = {
-    "i2v": ("image", lambda v: v[0]),
-    "extend_forward": ("video", lambda v: v),
-    "extend_forward_half": ("video", lambda v: v[:len(v) // 2]),
+    "i2v": ("i2v", "image", lambda v: v[0]),
+    "extend_forward": ("extend_forward", "video", lambda v: v),
+    "extend_forward_half": ("extend_forward", "video", lambda v: v[:len(v) // 2]),
 }
 
 
@@ -86,9 +86,9 @@ def main(argv):
       given = COND_MODES.get(mode)
       if given is None:
         raise app.UsageError(f"--cond_modes: {mode!r} is not scored; choose from {sorted(COND_MODES)}")
-      field, cut = given
-      cond_prompts = [dict(caption=c["caption"], mode=mode.replace("_half", ""), frames=size[0], height=size[1],
-                           width=size[2], seed=i, **{field: cut(c["video"])}) for i, c in enumerate(clips)]
+      sample_mode, field, cut = given
+      cond_prompts = [dict(caption=c["caption"], mode=sample_mode, frames=size[0], height=size[1], width=size[2],
+                           seed=i, **{field: cut(c["video"])}) for i, c in enumerate(clips)]
       videos, _ = generate.generate_with(config, models, mesh, cond_prompts, steps=steps, solver=solver,
                                          write_files=False)
       result["cond"][mode] = scorer.prompt_adherence(videos, cond_labels, COND_ATTRIBUTES)
