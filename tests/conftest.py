@@ -1,5 +1,7 @@
-"""Shared test setup: CPU with 8 fake devices, fast compiles, a `slow` marker."""
+"""Shared test setup: CPU with 8 fake devices, fast compiles, a `slow` marker, one shared tiny run."""
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -8,6 +10,33 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
 
 import jax  # noqa: E402,F401  (initialised with the settings above)
 import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Tests that read the shared tiny run carry this xdist group, so `--dist loadgroup` runs them in one worker
+# and the run is made once.
+TINY_RUN_GROUP = "tiny_run"
+
+
+def launcher_env():
+  """The environment of a user's launcher run: one CPU device (8 fake ones would not divide batch 2)."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  return env
+
+
+def run_launcher(args, workdir):
+  return subprocess.run([sys.executable, "-m", "sora_jax.main", f"--workdir={workdir}", *args],
+                        cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """(workdir, process) of one `--mode=all` run of configs/tiny_t2v.py:runlocal."""
+  workdir = str(tmp_path_factory.mktemp("tiny_run") / "run")
+  proc = run_launcher(["--config=configs/tiny_t2v.py:runlocal", "--mode=all", "--config.compilation_cache="],
+                      workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir
 
 
 def pytest_addoption(parser):

@@ -1,22 +1,16 @@
 """The launcher runs the whole chain on the one-minute config and reports what the demo reports."""
 import json
 import os
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import pytest
 
-
-def _run(args, workdir):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  return subprocess.run([sys.executable, "-m", "sora_jax.main", f"--workdir={workdir}", *args],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+from tests.conftest import TINY_RUN_GROUP
+from tests.conftest import run_launcher as _run
 
 
-def test_mode_all_end_to_end(tmp_path):
-  workdir = str(tmp_path / "run")
-  proc = _run(["--config=configs/tiny_t2v.py:runlocal", "--mode=all", "--config.compilation_cache="], workdir)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+@pytest.mark.xdist_group(TINY_RUN_GROUP)
+def test_mode_all_end_to_end(tiny_run):
+  workdir = tiny_run
   with open(os.path.join(workdir, "report.json")) as f:
     report = json.load(f)
   assert set(report["stage_seconds"]) >= {"train_vae", "encode", "train_dit", "eval_vae", "eval_dit"}
