@@ -160,6 +160,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   head_dim = dit.width // dit.num_heads
   if head_dim % 2 or head_dim < 6:
     _fail("dit.width", dit.width, f"head dim {head_dim} must be even and >= 6 for 3D RoPE (t, h, w pairs)")
+  if dit.get("rope_theta", 10000.0) <= 1.0:
+    _fail("dit.rope_theta", dit.rope_theta, "must be > 1 (the RoPE base wavelength)")
   if config.text.max_len < 2:
     _fail("text.max_len", config.text.max_len, "must be at least 2 (BOS + one token)")
   from sora_jax.models import text as text_lib  # noqa: PLC0415 (keeps config parsing import-light)

@@ -44,6 +44,7 @@ def test_parse_arg_types_and_errors():
     ("dit.patch_size", (1, 3, 3), r"config.data.sizes\[0\]=.*divide by VAE stride 4 x patch 3x3"),
     ("dit.patch_size", (2, 2, 2), r"config.dit.patch_size=\(2, 2, 2\): temporal patch 2 does not divide 5"),
     ("dit.num_heads", 5, r"config.dit.num_heads=5: must divide dit.width=144"),
+    ("dit.rope_theta", 1.0, r"config.dit.rope_theta=1.0: must be > 1"),
     ("text.tokenizer", "bpe", r"config.text.tokenizer=.bpe.: choose one of \(.bytes., .words."),
     ("data.sizes", [(8, 32, 32)], r"frames must be 1 \+ 2\*k"),
     ("train_dit.seq_len", 16, r"config.train_dit.seq_len=16: shorter than the 80 tokens"),

@@ -12,6 +12,12 @@ to the timestep embedding in place of pooled text, and `cross_attention=False` d
 Frame conditioning (image-to-video, extension): tokens with `cond_mask == 1` are given clean, so they are
 modulated as at t = 0. The per-segment table is then doubled, `[B, 2S, ...]` (rows S.. at t = 0), and a
 conditioned token of segment k reads row S + k - 1: still one gather, and no new parameters.
+
+Two knobs for small models on short schedules (the demo's measurements are in experiments/tiny_t2v/README.md):
+`gate_init` starts the two residual gates of every block open at that value instead of zero (adaLN-Zero is
+gate_init=0, the default; with Adam a zero gate moves about lr per step at most); `rope_theta` is the RoPE base
+(10^4 by default; with a small head dim on a grid of a few positions per axis, a base of ~100 leaves more
+rotation pairs that turn noticeably across the grid).
 """
 from __future__ import annotations
 
@@ -49,7 +55,7 @@ def decode_variant(variant: str) -> dict:
 class DiTBlock(nnx.Module):
   """adaLN-Zero block: modulated self-attention, cross-attention to text (optional), modulated MLP."""
 
-  def __init__(self, dim, num_heads, mlp_ratio, text_dim, *, qk_norm, backend, dtype, rngs):
+  def __init__(self, dim, num_heads, mlp_ratio, text_dim, *, qk_norm, backend, dtype, gate_init=0.0, rngs):
     self.norm1 = layers.LayerNorm()
     self.attn = layers.Attention(dim, num_heads, qk_norm=qk_norm, backend=backend, dtype=dtype, rngs=rngs)
     if text_dim:
@@ -60,8 +66,10 @@ class DiTBlock(nnx.Module):
       self.norm2 = self.cross = None
     self.norm3 = layers.LayerNorm()
     self.mlp = layers.MLP(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
-    # Zero-initialised modulation: every block starts as the identity (adaLN-Zero).
-    self.ada = layers.Dense(dim, (6, dim), ("cond", None, "embed"), zero_init=True, rngs=rngs)
+    # Zero-initialised modulation: every block starts as the identity (adaLN-Zero). With gate_init > 0 the
+    # two residual gates start open at that value instead (the weights stay zero); see the module docstring.
+    gates = jnp.zeros((6, 1), jnp.float32).at[jnp.array([2, 5])].set(gate_init)
+    self.ada = layers.Dense(dim, (6, dim), ("cond", None, "embed"), zero_init=True, bias_init=gates, rngs=rngs)
 
   def __call__(self, x, cond, seg, rope, text, text_seg, cond_ids=None):
     """x [B,L,D]; cond [B,S',D] per table row; text [B,Lt,Dt]; cond_ids [B,L] rows of cond (default seg)."""
@@ -83,12 +91,12 @@ class DiT(nnx.Module):
   def __init__(self, *, patch_dim: int, width: int, depth: int, num_heads: int, mlp_ratio: float,
                text_dim: int, qk_norm: bool = True, backend: str = "xla", scan_layers: bool = True,
                remat: str = "none", dtype=jnp.float32, num_classes: int = 0, cross_attention: bool = True,
-               rngs: nnx.Rngs):
+               rope_theta: float = 10000.0, gate_init: float = 0.0, rngs: nnx.Rngs):
     if remat not in REMAT_POLICIES:
       raise ValueError(f"dit.remat={remat!r}: choose one of {sorted(REMAT_POLICIES)}")
     self.width, self.num_heads, self.depth = width, num_heads, depth
     self.scan_layers, self.remat, self.dtype = scan_layers, remat, dtype
-    self.num_classes = num_classes
+    self.num_classes, self.rope_theta = num_classes, rope_theta
     self.patch_in = layers.Dense(patch_dim, width, ("patch", "embed"), dtype=dtype, rngs=rngs)
     self.t_mlp1 = layers.Dense(256, width, ("cond", "embed"), rngs=rngs)
     self.t_mlp2 = layers.Dense(width, width, ("embed", "cond"), rngs=rngs)
@@ -101,7 +109,7 @@ class DiT(nnx.Module):
       self.class_embed = None
       self.text_pool = layers.Dense(text_dim, width, ("embed", "cond"), rngs=rngs)
     make = functools.partial(DiTBlock, width, num_heads, mlp_ratio, text_dim if cross_attention else 0,
-                             qk_norm=qk_norm, backend=backend, dtype=dtype)
+                             qk_norm=qk_norm, backend=backend, dtype=dtype, gate_init=gate_init)
     if scan_layers:
       @nnx.split_rngs(splits=depth)
       @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -135,7 +143,7 @@ class DiT(nnx.Module):
       # Rows S.. of the doubled table hold each segment's conditioning at t = 0.
       cond = jnp.concatenate([cond, self.conditioning(jnp.zeros_like(t_table), text_pooled)], axis=1)
       cond_ids = seg + jnp.where((seg > 0) & (cond_mask > 0), t_table.shape[1], 0).astype(seg.dtype)
-    rope = rope_lib.rope_3d(coords, self.width // self.num_heads)
+    rope = rope_lib.rope_3d(coords, self.width // self.num_heads, self.rope_theta)
     text = None if text is None else text.astype(self.dtype)
 
     def apply_block(block, x):
@@ -170,4 +178,4 @@ def from_config(config, *, patch_dim: int, text_dim: int, backend: str, rngs: nn
              mlp_ratio=d.mlp_ratio, text_dim=text_dim, qk_norm=d.qk_norm, backend=backend,
              scan_layers=d.scan_layers, remat=d.remat, dtype=jnp.dtype(d.get("dtype", "float32")),
              num_classes=num_classes, cross_attention=d.get("cross_attention", True) and not num_classes,
-             rngs=rngs)
+             rope_theta=d.get("rope_theta", 10000.0), gate_init=d.get("gate_init", 0.0), rngs=rngs)

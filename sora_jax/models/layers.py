@@ -25,10 +25,13 @@ def _tuple(x: Shape) -> tuple[int, ...]:
 
 
 class Dense(nnx.Module):
-  """y = x . W (+ b), contracting the last `len(in_features)` axes of x; W has logical axis `names`."""
+  """y = x . W (+ b), contracting the last `len(in_features)` axes of x; W has logical axis `names`.
+
+  The bias starts at zero, or at `bias_init` (an array of shape `out_features`).
+  """
 
   def __init__(self, in_features: Shape, out_features: Shape, names: Sequence[str], *, use_bias=True,
-               zero_init=False, dtype=jnp.float32, rngs: nnx.Rngs):
+               zero_init=False, bias_init=None, dtype=jnp.float32, rngs: nnx.Rngs):
     self.in_features, self.out_features = _tuple(in_features), _tuple(out_features)
     shape = self.in_features + self.out_features
     assert len(names) == len(shape), (names, shape)
@@ -38,8 +41,9 @@ class Dense(nnx.Module):
       init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=tuple(
           range(len(self.in_features))), out_axis=tuple(range(len(self.in_features), len(shape))))
     self.kernel = nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=tuple(names))
-    self.bias = (nnx.Param(jnp.zeros(self.out_features, jnp.float32), out_sharding=tuple(names[len(self.in_features):]))
-                 if use_bias else None)
+    bias = (jnp.zeros(self.out_features, jnp.float32) if bias_init is None
+            else jnp.broadcast_to(jnp.asarray(bias_init, jnp.float32), self.out_features))
+    self.bias = nnx.Param(bias, out_sharding=tuple(names[len(self.in_features):])) if use_bias else None
     self.dtype = dtype
 
   def __call__(self, x):
