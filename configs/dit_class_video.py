@@ -29,7 +29,7 @@ def get_config(arg=None):
                patch_size=1, spatial_downsample=None)
   c.train_vae.update(sizes=[size, (1, arg.res, arg.res)], size_weights=[0.8, 0.2])
   c.dit.update(width=v["width"], depth=v["depth"], num_heads=v["num_heads"], mlp_ratio=4.0,
-               patch_size=(1, v["patch"], v["patch"]), qk_norm=True)
+               patch_size=(1, v["patch"], v["patch"]), qk_norm=True, rope_theta=10000.0)
   tokens = (1 + (arg.frames - 1) // 4) * (arg.res // 8 // v["patch"]) ** 2
   c.train_dit.update(batch_size=32, seq_len=tokens, max_segments=1, lr=1e-4, warmup_steps=1000,
                      steps=200_000, ema_decay=0.9999)

@@ -40,7 +40,7 @@ def get_config(arg=None):
                patch_size=1, spatial_downsample=None)
   c.train_vae.update(sizes=[(1, r, r)], size_weights=[1.0])
   c.dit.update(width=v["width"], depth=v["depth"], num_heads=v["num_heads"], mlp_ratio=4.0,
-               patch_size=(1, v["patch"], v["patch"]), qk_norm=True)
+               patch_size=(1, v["patch"], v["patch"]), qk_norm=True, rope_theta=10000.0)
   tokens = (r // 8 // v["patch"]) ** 2
   c.train_dit.update(batch_size=256, seq_len=tokens, max_segments=1, lr=1e-4, warmup_steps=0,
                      weight_decay=0.0, steps=400_000, ema_decay=0.9999)

@@ -33,7 +33,8 @@ def get_config(arg=None):
                patch_size=1, spatial_downsample=None)
   c.text.update(width=4096, depth=0, num_heads=32, max_len=512)
   c.dit.update(width=arg.width, depth=arg.depth, num_heads=arg.heads, mlp_ratio=arg.mlp / arg.width,
-               patch_size=(1, 2, 2), scan_layers=True, remat=arg.remat, dtype="bfloat16")
+               patch_size=(1, 2, 2), scan_layers=True, remat=arg.remat, dtype="bfloat16", qk_norm=True,
+               rope_theta=10000.0)
   t, h, w = size
   tokens = (1 + (t - 1) // 4) * (h // 16) * (w // 16)
   c.train_dit.update(batch_size=arg.chips, seq_len=tokens, text_seq_len=512, max_segments=1, lr=1e-4,
