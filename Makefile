@@ -25,11 +25,11 @@ demo: $(STAMP)
 	$(PY) -m sora_jax.main --config=configs/tiny_t2v.py --workdir=$(WORKDIR) --mode=all
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 tests
+	$(PY) -m pytest -q -n 2 --durations=15 tests
 
 # Includes tests marked slow.
 test-all: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup --runslow tests
+	$(PY) -m pytest -q -n 2 --runslow tests
 
 # Regenerates the exact lock of what CI installs (run in a fresh venv).
 lock:

@@ -12,9 +12,6 @@ import jax  # noqa: E402,F401  (initialised with the settings above)
 import pytest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Tests that read the shared tiny run carry this xdist group, so `--dist loadgroup` runs them in one worker
-# and the run is made once.
-TINY_RUN_GROUP = "tiny_run"
 
 
 def launcher_env():
@@ -31,7 +28,8 @@ def run_launcher(args, workdir):
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-  """(workdir, process) of one `--mode=all` run of configs/tiny_t2v.py:runlocal."""
+  """Workdir of one `--mode=all` run of configs/tiny_t2v.py:runlocal, made once per pytest(-xdist worker)
+  process for the tests that read a trained workdir (launcher, notebook, tools)."""
   workdir = str(tmp_path_factory.mktemp("tiny_run") / "run")
   proc = run_launcher(["--config=configs/tiny_t2v.py:runlocal", "--mode=all", "--config.compilation_cache="],
                       workdir)

@@ -2,13 +2,9 @@
 import json
 import os
 
-import pytest
-
-from tests.conftest import TINY_RUN_GROUP
 from tests.conftest import run_launcher as _run
 
 
-@pytest.mark.xdist_group(TINY_RUN_GROUP)
 def test_mode_all_end_to_end(tiny_run):
   workdir = tiny_run
   with open(os.path.join(workdir, "report.json")) as f:

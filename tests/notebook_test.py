@@ -4,7 +4,6 @@ import os
 import pytest
 
 from tests.conftest import ROOT
-from tests.conftest import TINY_RUN_GROUP
 from tests.conftest import launcher_env
 
 nbformat = pytest.importorskip("nbformat")
@@ -14,8 +13,7 @@ NOTEBOOK = os.path.join(ROOT, "experiments", "tiny_t2v", "inspect.ipynb")
 
 
 # The notebook (kernel start, a restore, two 2-step samples, metrics) takes about 1.5 min on a 2-core CPU;
-# the tiny run it reads is shared with tests/main_test.py.
-@pytest.mark.xdist_group(TINY_RUN_GROUP)
+# the tiny run it reads is the `tiny_run` fixture of tests/conftest.py.
 def test_inspect_notebook_runs(tiny_run):
   workdir = tiny_run
   nb = nbformat.read(NOTEBOOK, as_version=4)

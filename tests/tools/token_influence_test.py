@@ -7,11 +7,9 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from tests.conftest import TINY_RUN_GROUP
 from tests.conftest import launcher_env
 
 
-@pytest.mark.xdist_group(TINY_RUN_GROUP)
 def test_token_influence_reports_per_frame_figures(tiny_run):
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "token_influence.py"),
                          "--config=configs/tiny_t2v.py:runlocal", f"--workdir={tiny_run}", "--t=0.5",
