@@ -18,6 +18,11 @@ Two knobs for small models on short schedules (the demo's measurements are in ex
 gate_init=0, the default; with Adam a zero gate moves about lr per step at most); `rope_theta` is the RoPE base
 (10^4 by default; with a small head dim on a grid of a few positions per axis, a base of ~100 leaves more
 rotation pairs that turn noticeably across the grid).
+
+`abs_pos` adds a sinusoidal embedding of each token's absolute (t, h, w) to the patch embedding (same base
+as RoPE). RoPE only tells attention how far apart two tokens are; with `abs_pos` a token also knows which
+frame it is in and where in the frame, so a caption such as "moving left" can be turned into "on the right
+early, on the left late" directly (experiments/tiny_t2v/README.md).
 """
 from __future__ import annotations
 
@@ -91,12 +96,13 @@ class DiT(nnx.Module):
   def __init__(self, *, patch_dim: int, width: int, depth: int, num_heads: int, mlp_ratio: float,
                text_dim: int, qk_norm: bool = True, backend: str = "xla", scan_layers: bool = True,
                remat: str = "none", dtype=jnp.float32, num_classes: int = 0, cross_attention: bool = True,
-               rope_theta: float = 10000.0, gate_init: float = 0.0, rngs: nnx.Rngs):
+               rope_theta: float = 10000.0, gate_init: float = 0.0, abs_pos: bool = False,
+               rngs: nnx.Rngs):
     if remat not in REMAT_POLICIES:
       raise ValueError(f"dit.remat={remat!r}: choose one of {sorted(REMAT_POLICIES)}")
     self.width, self.num_heads, self.depth = width, num_heads, depth
     self.scan_layers, self.remat, self.dtype = scan_layers, remat, dtype
-    self.num_classes, self.rope_theta = num_classes, rope_theta
+    self.num_classes, self.rope_theta, self.abs_pos = num_classes, rope_theta, abs_pos
     self.patch_in = layers.Dense(patch_dim, width, ("patch", "embed"), dtype=dtype, rngs=rngs)
     self.t_mlp1 = layers.Dense(256, width, ("cond", "embed"), rngs=rngs)
     self.t_mlp2 = layers.Dense(width, width, ("embed", "cond"), rngs=rngs)
@@ -136,6 +142,8 @@ class DiT(nnx.Module):
     text_pooled [B,S,Dt] (class ids [B,S] with num_classes), cond_mask [B,L] (optional, 1 = token given
     clean) -> velocity [B,L,P] (zero on padding). `text` may be None without cross-attention."""
     x = self.patch_in(tokens.astype(self.dtype))
+    if self.abs_pos:
+      x = x + rope_lib.sincos_3d(coords, self.width, self.rope_theta).astype(x.dtype)
     x = mesh_lib.constrain(x, ("act_batch", "act_len", "act_embed"))
     cond = self.conditioning(t_table, text_pooled)
     cond_ids = seg  # which conditioning-table row each token reads
@@ -178,4 +186,5 @@ def from_config(config, *, patch_dim: int, text_dim: int, backend: str, rngs: nn
              mlp_ratio=d.mlp_ratio, text_dim=text_dim, qk_norm=d.qk_norm, backend=backend,
              scan_layers=d.scan_layers, remat=d.remat, dtype=jnp.dtype(d.get("dtype", "float32")),
              num_classes=num_classes, cross_attention=d.get("cross_attention", True) and not num_classes,
-             rope_theta=d.get("rope_theta", 10000.0), gate_init=d.get("gate_init", 0.0), rngs=rngs)
+             rope_theta=d.get("rope_theta", 10000.0), gate_init=d.get("gate_init", 0.0),
+             abs_pos=d.get("abs_pos", False), rngs=rngs)

@@ -1,7 +1,9 @@
-"""Rotary position embeddings for 1D token positions and 3D (t, h, w) spacetime coordinates.
+"""Position encodings of 1D token positions and 3D (t, h, w) spacetime coordinates.
 
-Frequencies are computed from the coordinates of each token, so any grid size or duration works without
-retraining and tokens of different samples in one packed row each see their own grid.
+Rotary embeddings (relative: attention logits depend on coordinate differences) and, optionally, additive
+sinusoidal embeddings of the absolute coordinates. Frequencies are computed from the coordinates of each
+token, so any grid size or duration works without retraining and tokens of different samples in one packed
+row each see their own grid.
 """
 from __future__ import annotations
 
@@ -13,6 +15,17 @@ def _freqs(num_pairs: int, theta: float) -> jax.Array:
   return 1.0 / (theta ** (jnp.arange(num_pairs, dtype=jnp.float32) / num_pairs))
 
 
+def _split_3d(pairs: int) -> tuple[int, int, int]:
+  """Pairs per axis (t, h, w), as even as possible, the remainder going to time."""
+  n_hw = pairs // 3
+  return pairs - 2 * n_hw, n_hw, n_hw
+
+
+def _angles_3d(coords: jax.Array, pairs: int, theta: float) -> jax.Array:
+  return jnp.concatenate([coords[..., i:i + 1].astype(jnp.float32) * _freqs(n, theta)
+                          for i, n in enumerate(_split_3d(pairs)) if n], axis=-1)
+
+
 def rope_3d(coords: jax.Array, head_dim: int, theta: float = 10000.0):
   """coords [B, L, 3] -> (cos, sin) [B, L, head_dim // 2].
 
@@ -21,12 +34,18 @@ def rope_3d(coords: jax.Array, head_dim: int, theta: float = 10000.0):
   """
   if head_dim % 2:
     raise ValueError(f"3D RoPE needs an even head_dim, got {head_dim}")
-  half = head_dim // 2
-  n_hw = half // 3
-  counts = (half - 2 * n_hw, n_hw, n_hw)
-  angles = jnp.concatenate([coords[..., i:i + 1].astype(jnp.float32) * _freqs(n, theta)
-                            for i, n in enumerate(counts) if n], axis=-1)
+  angles = _angles_3d(coords, head_dim // 2, theta)
   return jnp.cos(angles), jnp.sin(angles)
+
+
+def sincos_3d(coords: jax.Array, dim: int, theta: float = 10000.0) -> jax.Array:
+  """coords [B, L, 3] -> additive absolute embedding [B, L, dim]: [cos | sin] of the same per-axis angles
+  as `rope_3d` with dim / 2 pairs. Tells each token where it is in its clip (which frame, how far from the
+  top-left corner), which relative RoPE alone cannot."""
+  if dim % 2:
+    raise ValueError(f"sincos_3d needs an even dim, got {dim}")
+  angles = _angles_3d(coords, dim // 2, theta)
+  return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
 
 
 def rope_1d(positions: jax.Array, head_dim: int, theta: float = 10000.0):

@@ -15,10 +15,7 @@ from sora_jax.parallel import mesh as mesh_lib
 S, L, LT = 4, 48, 96
 
 
-@pytest.fixture(scope="module")
-def setup():
-  config = tiny_t2v.get_config("runlocal")
-  config.dit.scan_layers = True
+def _perturbed(config):
   mesh = mesh_lib.make_mesh(config.mesh, devices=jax.devices()[:1])
   with mesh_lib.use(mesh, mesh_lib.DIT_RULES):
     model = t2v.TextToVideo(config, patch_dim=t2v.patch_dim(config), rngs=nnx.Rngs(0))
@@ -28,6 +25,13 @@ def setup():
   keys = jax.random.split(jax.random.key(1), len(leaves))
   leaves = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
   return config, mesh, graphdef, jax.tree.unflatten(tree, leaves), rest
+
+
+@pytest.fixture(scope="module")
+def setup():
+  config = tiny_t2v.get_config("runlocal")
+  config.dit.scan_layers = True
+  return _perturbed(config)
 
 
 def _sample(config, grid_lat, caption, seed, index):
@@ -116,6 +120,37 @@ def test_rope_makes_output_depend_on_coordinates(setup):
     o1 = _forward(graphdef, params, rest, rows, 0.5)
     o2 = _forward(graphdef, params, rest, shuffled, 0.5)
   assert not np.allclose(np.asarray(o1), np.asarray(o2))
+
+
+@pytest.mark.parametrize("abs_pos", [False, True])
+def test_only_abs_pos_makes_output_depend_on_absolute_position(abs_pos):
+  # RoPE is relative: shifting every coordinate of a clip by the same amount changes nothing. With abs_pos
+  # each token also knows its frame and place in the frame, so the same shift changes the output.
+  config = tiny_t2v.get_config("runlocal")
+  config.dit.abs_pos = abs_pos
+  config, mesh, graphdef, params, rest = _perturbed(config)
+  rows = _rows([_sample(config, (3, 2, 4), "a red circle moving left", 0, index=7)])
+  shifted = dict(rows)
+  shifted["coords"] = rows["coords"] + np.array([2, 1, 3], rows["coords"].dtype)
+  with mesh_lib.use(mesh, mesh_lib.DIT_RULES):
+    o1 = np.asarray(_forward(graphdef, params, rest, rows, 0.5))
+    o2 = np.asarray(_forward(graphdef, params, rest, shifted, 0.5))
+  if abs_pos:
+    assert np.abs(o1 - o2).max() > 1e-2
+  else:
+    np.testing.assert_allclose(o2, o1, rtol=1e-4, atol=1e-5)
+
+
+def test_sincos_3d_uses_the_rope_angles():
+  coords = jnp.asarray(np.random.default_rng(0).integers(0, 9, (2, 5, 3)))
+  emb = rope_lib.sincos_3d(coords, 36, theta=100.0)
+  cos, sin = rope_lib.rope_3d(coords, 36, theta=100.0)
+  np.testing.assert_allclose(np.asarray(emb), np.concatenate([cos, sin], -1), rtol=1e-6)
+  # Axis t gets pairs 0..5, h 6..11, w 12..17 (18 pairs): the first pair of each axis is the coordinate.
+  np.testing.assert_allclose(np.asarray(emb[..., [0, 6, 12]]), np.cos(np.asarray(coords, np.float32)),
+                             rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="even dim"):
+    rope_lib.sincos_3d(coords, 35)
 
 
 @pytest.mark.parametrize("gate_init", [0.0, 0.5])
