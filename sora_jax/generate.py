@@ -218,7 +218,7 @@ def condition_clips(p: dict, num_latent: int, stride: int, where: str) -> list[t
   return out
 
 
-def _vae_apply(fn, params, rest, arrays: list[np.ndarray], mesh) -> list[np.ndarray]:
+def vae_apply(fn, params, rest, arrays: list[np.ndarray], mesh) -> list[np.ndarray]:
   """Runs a jitted VAE function on arrays of any shapes: dense same-shape batches padded to the devices."""
   out = [None] * len(arrays)
   by_shape = collections.defaultdict(list)
@@ -248,7 +248,7 @@ def prompt_latents(config, prompts: list[dict], encode, vae: tuple, mesh) -> lis
       jobs.append((i, clip, keep, pos))
   if jobs:
     _, params, rest = vae
-    latents = _vae_apply(encode, params, rest, [clip for _, clip, _, _ in jobs], mesh)
+    latents = vae_apply(encode, params, rest, [clip for _, clip, _, _ in jobs], mesh)
     for (i, _, keep, pos), z in zip(jobs, latents):
       z = z[keep:]
       out[i]["x0"][pos:pos + len(z)] = z
@@ -437,7 +437,7 @@ def generate_with(config, models: Models, mesh, prompts: list[dict], *, out_dir:
     p.setdefault("seed", i)
   latents, conds, settings = sample_latents(config, models, mesh, prompts, **overrides)
   vae_graph, vae_params, vae_rest = models.vae
-  decoded = _vae_apply(train_vae.make_decode_fn(vae_graph, mesh), vae_params, vae_rest, latents, mesh)
+  decoded = vae_apply(train_vae.make_decode_fn(vae_graph, mesh), vae_params, vae_rest, latents, mesh)
   videos = [video_io.to_uint8(v) for v in decoded]
   seconds = time.perf_counter() - t0
 
