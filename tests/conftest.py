@@ -1,4 +1,5 @@
 """Shared test setup: CPU with 8 fake devices, fast compiles, a `slow` marker, one shared tiny run."""
+import json
 import os
 import subprocess
 import sys
@@ -24,6 +25,15 @@ def launcher_env():
 def run_launcher(args, workdir):
   return subprocess.run([sys.executable, "-m", "sora_jax.main", f"--workdir={workdir}", *args],
                         cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=900)
+
+
+def run_tool(name, workdir, *args):
+  """Runs tools/<name>.py on the tiny run's config and workdir; returns its last line, parsed as JSON."""
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", f"{name}.py"),
+                         "--config=configs/tiny_t2v.py:runlocal", f"--workdir={workdir}", *args], cwd=ROOT,
+                        env=launcher_env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="session")

@@ -1,22 +1,11 @@
 """tools/token_influence.py on the shared tiny run: per-frame influence of a middle token, as JSON."""
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-from tests.conftest import ROOT
-from tests.conftest import launcher_env
+from tests.conftest import run_tool
 
 
 def test_token_influence_reports_per_frame_figures(tiny_run):
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "token_influence.py"),
-                         "--config=configs/tiny_t2v.py:runlocal", f"--workdir={tiny_run}", "--t=0.5",
-                         "--num_clips=1"], cwd=ROOT, env=launcher_env(), capture_output=True, text=True,
-                        timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  result = run_tool("token_influence", tiny_run, "--t=0.5", "--num_clips=1")
   assert result["num_clips"] == 1 and result["dit_step"] == 4
   figures = result["t"]["0.5"]
   # 9-frame clips have 5 latent frames; the source sits in frame 2, whose own influence is left out.
