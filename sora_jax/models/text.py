@@ -71,7 +71,7 @@ class TextEncoder(nnx.Module):
     self.width = width
     self.num_heads = num_heads
     self.vocab_size = vocab_size
-    self.embed = nnx.Param(jax.random.normal(rngs.params(), (vocab_size, width)) * 0.02,
+    self.embed = nnx.Param(jax.random.normal(rngs.params(), (vocab_size, width)),
                            out_sharding=("vocab", "embed"))
     self.blocks = nnx.List([TextBlock(width, num_heads, backend=backend, rngs=rngs) for _ in range(depth)])
     self.norm = layers.RMSNorm(width)
