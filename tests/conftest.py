@@ -27,6 +27,24 @@ def run_launcher(args, workdir):
                         cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=900)
 
 
+def pack_captions(token_lists, length=None):
+  """Token lists of captions -> one packed text row (tokens, segment ids, positions) [1, L], right-padded."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  tokens = np.concatenate(token_lists)
+  seg = np.concatenate([np.full(len(t), i + 1) for i, t in enumerate(token_lists)])
+  pos = np.concatenate([np.arange(len(t)) for t in token_lists])
+  pad = (length or len(tokens)) - len(tokens)
+  return tuple(jnp.asarray(np.pad(a, (0, pad))[None], jnp.int32) for a in (tokens, seg, pos))
+
+
+def one_device_dit_mesh():
+  """Context of a 1-device mesh with the DiT's logical-axis rules (for building sharded modules eagerly)."""
+  from sora_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  mesh = mesh_lib.make_mesh([(a, 1) for a in mesh_lib.AXES], devices=jax.devices()[:1])
+  return mesh_lib.use(mesh, mesh_lib.DIT_RULES)
+
+
 def run_tool(name, workdir, *args):
   """Runs tools/<name>.py on the tiny run's config and workdir; returns its last line, parsed as JSON."""
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", f"{name}.py"),

@@ -17,21 +17,13 @@ from flax import nnx  # noqa: E402
 
 from sora_jax.models import text as text_lib  # noqa: E402
 from sora_jax.models import text_pretrained as tp  # noqa: E402
+from tests.conftest import one_device_dit_mesh  # noqa: E402
+from tests.conftest import pack_captions  # noqa: E402
 
 CAPTIONS = ["a red circle moving left on a black background", "a crimson disc sliding to the left",
             "the stock market fell sharply today", ""]
 TINY_T5 = dict(vocab_size=64, d_model=16, d_kv=4, num_heads=4, d_ff=24, num_layers=2,
                relative_attention_num_buckets=8, relative_attention_max_distance=12)
-
-
-def pack(token_lists, length=None):
-  """Captions -> one packed row (tokens, segment ids, positions) [1, L], right-padded with segment 0."""
-  tokens = np.concatenate(token_lists)
-  seg = np.concatenate([np.full(len(t), i + 1) for i, t in enumerate(token_lists)])
-  pos = np.concatenate([np.arange(len(t)) for t in token_lists])
-  pad = (length or len(tokens)) - len(tokens)
-  row = [np.pad(a, (0, pad)) for a in (tokens, seg, pos)]
-  return tuple(jnp.asarray(a[None], jnp.int32) for a in row)
 
 
 def _need_minilm():
@@ -47,7 +39,7 @@ def minilm():
 
 def embed(encoder, captions, max_len=32):
   toks = [text_lib.tokenize(c, max_len, "minilm") for c in captions]
-  tokens, seg, pos = pack(toks, sum(map(len, toks)) + 3)
+  tokens, seg, pos = pack_captions(toks, sum(map(len, toks)) + 3)
   states = encoder(tokens, seg, pos)
   return toks, states, seg, np.asarray(encoder.pool(states, seg, len(captions))[0])
 
@@ -86,22 +78,16 @@ def test_minilm_packed_equals_alone(minilm):
 def test_frozen_unless_trainable(minilm):
   _, params, rest = nnx.split(minilm, nnx.Param, ...)
   assert not jax.tree.leaves(params) and len(jax.tree.leaves(rest)) > 50
-  with _mesh():
+  with one_device_dit_mesh():
     trainable = tp.build("minilm", trainable=True, rngs=nnx.Rngs(0))
   _, params, _ = nnx.split(trainable, nnx.Param, ...)
   assert sum(x.size for x in jax.tree.leaves(params)) > 20_000_000
 
 
-def _mesh():
-  from sora_jax.parallel import mesh as mesh_lib
-  mesh = mesh_lib.make_mesh([(a, 1) for a in mesh_lib.AXES], devices=jax.devices()[:1])
-  return mesh_lib.use(mesh, mesh_lib.DIT_RULES)
-
-
 def test_from_config_checks():
   _need_minilm()
   cfg = ml_collections.ConfigDict(dict(encoder="minilm", tokenizer="minilm", width=384, path=None))
-  with _mesh():
+  with one_device_dit_mesh():
     assert isinstance(text_lib.from_config(cfg, backend="xla", rngs=nnx.Rngs(0)), tp.MiniLM)
     with pytest.raises(ValueError, match="config.text.width=128"):
       text_lib.from_config(ml_collections.ConfigDict({**cfg.to_dict(), "width": 128}), backend="xla",
@@ -154,11 +140,11 @@ def test_t5_packed_equals_alone(tmp_path, model_type, proj):
   _write_random_t5(str(tmp_path), model_type, proj)
   encoder = tp.pretrained("t5", str(tmp_path))
   toks = _t5_rows(np.random.default_rng(1), [20, 5])  # 20 > max distance: log buckets are used
-  states = encoder(*pack(toks, 28))
+  states = encoder(*pack_captions(toks, 28))
   assert np.isfinite(np.asarray(states)).all()
   offset = 0
   for t in toks:
-    alone = encoder(*pack([t]))
+    alone = encoder(*pack_captions([t]))
     np.testing.assert_allclose(states[0, offset:offset + len(t)], alone[0], atol=1e-5)
     offset += len(t)
   np.testing.assert_array_equal(states[0, offset:], 0.0)
@@ -190,7 +176,7 @@ def _padded_batch(token_lists):
 
 def _compare_packed(encoder, token_lists, reference_states, atol):
   """Our packed row vs the reference's per-caption (padded) states."""
-  states = np.asarray(encoder(*pack(token_lists, sum(map(len, token_lists)) + 2)))
+  states = np.asarray(encoder(*pack_captions(token_lists, sum(map(len, token_lists)) + 2)))
   offset = 0
   for i, t in enumerate(token_lists):
     np.testing.assert_allclose(states[0, offset:offset + len(t)], reference_states[i, :len(t)], atol=atol)
@@ -247,7 +233,7 @@ def test_trainer_path_sharded_create_then_load(minilm):
                              rules=mesh_lib.DIT_RULES, ema=True)
   assert not jax.tree.leaves(created.state.params)
   assert sum(x.size for x in jax.tree.leaves(created.state.opt_state)) == 1  # Adam's step count only
-  tokens, seg, pos = pack([text_lib.tokenize(c, 32, "minilm") for c in CAPTIONS[:2]], 24)
+  tokens, seg, pos = pack_captions([text_lib.tokenize(c, 32, "minilm") for c in CAPTIONS[:2]], 24)
   expected = np.asarray(minilm(tokens, seg, pos))
   with mesh_lib.use(mesh, mesh_lib.DIT_RULES):
     model = tp.load_weights(nnx.merge(created.graphdef, created.state.params, created.state.rest))

@@ -1,21 +1,18 @@
 """The trainable caption encoder: each word must stay legible at its own position."""
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from sora_jax.models import text as text_lib
-from sora_jax.parallel import mesh as mesh_lib
+from tests.conftest import one_device_dit_mesh
+from tests.conftest import pack_captions
 
 
 def _states(encoder, captions):
+  """Per-caption states [n, len, D] of captions of equal token count, packed into one row."""
   toks = [text_lib.tokenize(c, 16, "words") for c in captions]
-  n = max(len(t) for t in toks)
-  ids, seg, pos = (np.zeros((len(toks), n), np.int32) for _ in range(3))
-  for i, t in enumerate(toks):
-    ids[i, :len(t)], seg[i, :len(t)], pos[i, :len(t)] = t, 1, np.arange(len(t))
-  return np.asarray(encoder(jnp.asarray(ids), jnp.asarray(seg), jnp.asarray(pos)))
+  states = np.asarray(encoder(*pack_captions(toks)))[0]
+  return states.reshape(len(toks), len(toks[0]), -1)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -23,8 +20,7 @@ def test_a_changed_word_changes_its_own_state_at_init(seed):
   # The DiT cross-attends to these states: if the context the blocks add swamps each token's own embedding,
   # every position carries the same caption average and the DiT cannot tell "left" from "right" (the demo
   # DiT never learnt direction while the embeddings started at 0.02 of the blocks' scale).
-  mesh = mesh_lib.make_mesh([("data", -1), ("fsdp", 1), ("context", 1), ("tensor", 1)], devices=jax.devices()[:1])
-  with mesh_lib.use(mesh, mesh_lib.DIT_RULES):
+  with one_device_dit_mesh():
     encoder = text_lib.TextEncoder(vocab_size=text_lib.VOCAB_SIZES["words"], width=64, depth=2, num_heads=4,
                                    rngs=nnx.Rngs(seed))
     a, b = _states(encoder, ["a red circle moving left", "a red circle moving right"])
