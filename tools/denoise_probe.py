@@ -30,46 +30,6 @@ _NUM = flags.DEFINE_integer("num_clips", 32, "Clips of the latent cache (same gr
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def make_one_step(graphdef, max_segments: int):
-  """jit: (state, rows, noise, t) -> one-step x0 estimate [B, L, P] of packed rows noised to flow time t."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from sora_jax.diffusion import flow  # pylint: disable=import-outside-toplevel
-  from sora_jax.train import train_dit  # pylint: disable=import-outside-toplevel
-
-  @jax.jit
-  def one_step(state, rows, noise, t):
-    model = nnx.merge(graphdef, state)
-    seg = rows["tokens_segment_ids"]
-    t_table = jnp.full(rows["grid"].shape[:2], t, jnp.float32)
-    t_tok = flow.tokens_from_table(t_table, seg)
-    x_t = flow.interpolate(rows["tokens"], noise, t_tok)
-    text, pooled = train_dit.batch_text(model, rows, max_segments)
-    v = model(x_t, rows["coords"], seg, t_table, text, rows["text_segment_ids"], pooled)
-    return flow.x0_from_velocity(x_t, v, t_tok)
-
-  return one_step
-
-
-def cache_clips(config, workdir: str, num: int) -> list[dict]:
-  """Up to `num` latent-cache examples sharing the grid of the first one with >= 3 latent frames."""
-  from sora_jax.train import train_dit  # pylint: disable=import-outside-toplevel
-  cache = train_dit.latent_caches(config, workdir)[0][0]
-  clips, shape = [], None
-  for i in range(len(cache)):
-    ex = cache[i]
-    if shape is None and ex["latent"].shape[0] >= 3:
-      shape = ex["latent"].shape
-    if shape is not None and ex["latent"].shape == shape:
-      clips.append(ex)
-    if len(clips) == num:
-      break
-  if not clips:
-    raise app.UsageError(f"{workdir}: the latent cache has no clip of 3 or more latent frames")
-  return clips
-
-
 def main(argv):
   del argv
   import jax  # pylint: disable=import-outside-toplevel
@@ -78,6 +38,7 @@ def main(argv):
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from sora_jax import generate  # pylint: disable=import-outside-toplevel
   from sora_jax.data import packing  # pylint: disable=import-outside-toplevel
+  from sora_jax.eval import probes  # pylint: disable=import-outside-toplevel
   from sora_jax.eval import scorer  # pylint: disable=import-outside-toplevel
   from sora_jax.models import text as text_lib  # pylint: disable=import-outside-toplevel
   from sora_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
@@ -86,7 +47,7 @@ def main(argv):
   config = _CONFIG.value
   mesh = mesh_lib.make_mesh(config.mesh)
   models = generate.restore_models(config, _WORKDIR.value, mesh)
-  clips = cache_clips(config, _WORKDIR.value, _NUM.value)
+  clips = probes.cache_clips(config, _WORKDIR.value, _NUM.value)
   patch, channels = tuple(config.dit.patch_size), config.vae.latent_channels
   samples, labels = [], []
   for i, ex in enumerate(clips):
@@ -105,7 +66,7 @@ def main(argv):
             "latent_grid": list(grid), "t": {}}
   with mesh_lib.use(mesh, mesh_lib.DIT_RULES):
     graphdef, state = nnx.split(nnx.merge(*models.dit))
-    one_step = make_one_step(graphdef, config.train_dit.max_segments)
+    one_step = probes.make_one_step(graphdef, config.train_dit.max_segments)
     noise = jax.random.normal(jax.random.key(config.seed), rows["tokens"].shape)
     for t in (float(x) for x in _T.value):
       x0 = np.asarray(one_step(state, rows, noise, jnp.float32(t)))
