@@ -56,13 +56,14 @@ def get_config(arg=None):
   c.encode = dict(num_samples=arg.encode_samples, batch_size=32)
   # precomputed: text embeddings from tools/encode_text.py (frozen pretrained encoders only), '' = live.
   c.text = dict(encoder="trainable", tokenizer="words", max_len=16, width=128, depth=2, num_heads=4,
-                precomputed="")
+                pool="mean", precomputed="")
   # Head dim 36 on a 5x4x4 token grid: with QK-norm (logits bounded by sqrt(36) = 6) and RoPE base 10^4 (two
   # of six frequencies per axis turn noticeably over 4-5 positions) attention cannot become position-selective
   # in the demo's steps; no QK-norm and base 100 learn faster (experiments/tiny_t2v/README.md).
   c.dit = dict(
       width=arg.width, depth=arg.depth, num_heads=4, mlp_ratio=4.0, patch_size=(1, 2, 2), qk_norm=False,
-      scan_layers=True, remat="none", rope_theta=100.0, gate_init=0.0, abs_pos=False)
+      scan_layers=True, remat="none", rope_theta=100.0, gate_init=0.0, abs_pos=False,
+      abs_pos_kind="axes", temporal_attention=False, position_modulation=False)
   c.flow = dict(
       t_sampling="logit_normal", logit_mean=0.0, logit_std=1.0,
       # Larger grids get more noise: shift = sqrt(tokens / shift_base_tokens), clipped to [1, max_shift].

@@ -162,6 +162,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("dit.width", dit.width, f"head dim {head_dim} must be even and >= 6 for 3D RoPE (t, h, w pairs)")
   if dit.get("rope_theta", 10000.0) <= 1.0:
     _fail("dit.rope_theta", dit.rope_theta, "must be > 1 (the RoPE base wavelength)")
+  if config.text.get("pool", "mean") not in ("mean", "words", "words_sum"):
+    _fail("text.pool", config.text.pool, "must be 'mean', 'words' or 'words_sum'")
+  if config.text.get("pool", "mean") != "mean" and config.text.encoder != "trainable":
+    _fail("text.pool", config.text.pool, f"bag-of-words pooling needs text.encoder='trainable', not {config.text.encoder!r}")
+  if dit.get("abs_pos_kind", "axes") not in ("axes", "oblique"):
+    _fail("dit.abs_pos_kind", dit.abs_pos_kind, "must be 'axes' or 'oblique'")
   if config.text.max_len < 2:
     _fail("text.max_len", config.text.max_len, "must be at least 2 (BOS + one token)")
   from sora_jax.models import text as text_lib  # noqa: PLC0415 (keeps config parsing import-light)

@@ -29,3 +29,15 @@ def mean(x: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
   total = jnp.einsum("bls,bld->bsd", oh, x.astype(jnp.float32))
   count = jnp.sum(oh, axis=1)[..., None]
   return (total / jnp.maximum(count, 1.0)).astype(x.dtype)
+
+
+def location_ids(segment_ids: jax.Array, coords: jax.Array) -> jax.Array:
+  """One id per (segment, h, w) of a packed row: int32 [B, L] (0 on padding), from coords [B, L, 3] (t, h, w).
+
+  Used as segment ids, it limits attention to the tokens at the same place of the same clip, i.e. to the
+  time series of one location (temporal attention) with the same attention function and backends.
+  """
+  h, w = coords[..., 1].astype(jnp.int32), coords[..., 2].astype(jnp.int32)
+  num_h, num_w = jnp.max(h) + 1, jnp.max(w) + 1
+  seg = segment_ids.astype(jnp.int32)
+  return jnp.where(seg > 0, ((seg - 1) * num_h + h) * num_w + w + 1, 0)

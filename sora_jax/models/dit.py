@@ -23,6 +23,20 @@ rotation pairs that turn noticeably across the grid).
 as RoPE). RoPE only tells attention how far apart two tokens are; with `abs_pos` a token also knows which
 frame it is in and where in the frame, so a caption such as "moving left" can be turned into "on the right
 early, on the left late" directly (experiments/tiny_t2v/README.md).
+
+`temporal_attention` adds a second self-attention beside the spacetime one in every block, masked to the
+tokens at the same (h, w) of the same clip (STDiT/Latte-style factorised attention, here as an extra path
+rather than a replacement): each token reads its location's time series directly instead of having to
+single it out of the whole clip, which is what keeping one object through a clip and moving it needs. The
+two attentions share the block's modulation and gate; the mask is one more set of segment ids, so every
+attention backend serves it.
+
+`position_modulation` computes the final layer's adaLN shift and scale per token from the segment's
+conditioning plus a learned projection of the token's sinusoidal (t, h, w) embedding, instead of per segment.
+With per-segment modulation the output layer can only move a whole clip's mean by the caption (colour,
+shape, background); a caption whose mean is a pattern in space and time ("moving left": on the right early,
+on the left late) must be built by the blocks. Here one hidden layer (silu of the sum) holds that
+interaction. Cost: one [L, D] x [D, 2D] matmul per token, once per forward.
 """
 from __future__ import annotations
 
@@ -60,9 +74,12 @@ def decode_variant(variant: str) -> dict:
 class DiTBlock(nnx.Module):
   """adaLN-Zero block: modulated self-attention, cross-attention to text (optional), modulated MLP."""
 
-  def __init__(self, dim, num_heads, mlp_ratio, text_dim, *, qk_norm, backend, dtype, gate_init=0.0, rngs):
+  def __init__(self, dim, num_heads, mlp_ratio, text_dim, *, qk_norm, backend, dtype, gate_init=0.0,
+               temporal_attention=False, rngs):
     self.norm1 = layers.LayerNorm()
     self.attn = layers.Attention(dim, num_heads, qk_norm=qk_norm, backend=backend, dtype=dtype, rngs=rngs)
+    self.temporal = (layers.Attention(dim, num_heads, qk_norm=qk_norm, backend=backend, dtype=dtype, rngs=rngs)
+                     if temporal_attention else None)
     if text_dim:
       self.norm2 = layers.RMSNorm(dim)
       self.cross = layers.Attention(dim, num_heads, kv_dim=text_dim, qk_norm=qk_norm, backend=backend,
@@ -76,13 +93,17 @@ class DiTBlock(nnx.Module):
     gates = jnp.zeros((6, 1), jnp.float32).at[jnp.array([2, 5])].set(gate_init)
     self.ada = layers.Dense(dim, (6, dim), ("cond", None, "embed"), zero_init=True, bias_init=gates, rngs=rngs)
 
-  def __call__(self, x, cond, seg, rope, text, text_seg, cond_ids=None):
-    """x [B,L,D]; cond [B,S',D] per table row; text [B,Lt,Dt]; cond_ids [B,L] rows of cond (default seg)."""
+  def __call__(self, x, cond, seg, rope, text, text_seg, cond_ids=None, loc_ids=None):
+    """x [B,L,D]; cond [B,S',D] per table row; text [B,Lt,Dt]; cond_ids [B,L] rows of cond (default seg);
+    loc_ids [B,L] one id per (segment, h, w), needed with temporal attention."""
     mod = self.ada(jax.nn.silu(cond))  # [B, S', 6, D]
     mod = segments.gather(mod, seg if cond_ids is None else cond_ids).astype(x.dtype)  # [B, L, 6, D]
     shift1, scale1, gate1, shift2, scale2, gate2 = [mod[:, :, i] for i in range(6)]
     h = self.norm1(x) * (1 + scale1) + shift1
-    x = x + gate1 * self.attn(h, seg, rope=rope)
+    a = self.attn(h, seg, rope=rope)
+    if self.temporal is not None:
+      a = a + self.temporal(h, loc_ids, rope=rope)
+    x = x + gate1 * a
     if self.cross is not None:
       x = x + self.cross(self.norm2(x), seg, context=text, kv_segment_ids=text_seg)
     h = self.norm3(x) * (1 + scale2) + shift2
@@ -97,25 +118,33 @@ class DiT(nnx.Module):
                text_dim: int, qk_norm: bool = True, backend: str = "xla", scan_layers: bool = True,
                remat: str = "none", dtype=jnp.float32, num_classes: int = 0, cross_attention: bool = True,
                rope_theta: float = 10000.0, gate_init: float = 0.0, abs_pos: bool = False,
-               rngs: nnx.Rngs):
+               temporal_attention: bool = False, position_modulation: bool = False,
+               abs_pos_kind: str = "axes", rngs: nnx.Rngs):
     if remat not in REMAT_POLICIES:
       raise ValueError(f"dit.remat={remat!r}: choose one of {sorted(REMAT_POLICIES)}")
     self.width, self.num_heads, self.depth = width, num_heads, depth
     self.scan_layers, self.remat, self.dtype = scan_layers, remat, dtype
     self.num_classes, self.rope_theta, self.abs_pos = num_classes, rope_theta, abs_pos
+    self.temporal_attention, self.abs_pos_kind = temporal_attention, abs_pos_kind
+    # Final-layer modulation per token from (conditioning + its position): see the module docstring.
+    self.pos_cond = (layers.Dense(width, width, ("embed", "cond"), rngs=rngs) if position_modulation else None)
     self.patch_in = layers.Dense(patch_dim, width, ("patch", "embed"), dtype=dtype, rngs=rngs)
     self.t_mlp1 = layers.Dense(256, width, ("cond", "embed"), rngs=rngs)
     self.t_mlp2 = layers.Dense(width, width, ("embed", "cond"), rngs=rngs)
     if num_classes:
-      # Row num_classes is the null class (label dropout, the unconditional branch of CFG).
-      self.class_embed = nnx.Param(jax.random.normal(rngs.params(), (num_classes + 1, width)) * 0.02,
+      # Row num_classes is the null class (label dropout, the unconditional branch of CFG). Unit scale, as
+      # the timestep embedding it is added to: at 0.02 a label is 2% of the conditioning vector and a class
+      # whose effect is a pattern in space and time (a direction of motion) is not learnt at all in the
+      # demo's steps, at 1 it is (experiments/tiny_t2v/README.md, runs Y and Z).
+      self.class_embed = nnx.Param(jax.random.normal(rngs.params(), (num_classes + 1, width)),
                                    out_sharding=("vocab", "cond"))
       self.text_pool = None
     else:
       self.class_embed = None
       self.text_pool = layers.Dense(text_dim, width, ("embed", "cond"), rngs=rngs)
     make = functools.partial(DiTBlock, width, num_heads, mlp_ratio, text_dim if cross_attention else 0,
-                             qk_norm=qk_norm, backend=backend, dtype=dtype, gate_init=gate_init)
+                             qk_norm=qk_norm, backend=backend, dtype=dtype, gate_init=gate_init,
+                             temporal_attention=temporal_attention)
     if scan_layers:
       @nnx.split_rngs(splits=depth)
       @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -143,7 +172,7 @@ class DiT(nnx.Module):
     clean) -> velocity [B,L,P] (zero on padding). `text` may be None without cross-attention."""
     x = self.patch_in(tokens.astype(self.dtype))
     if self.abs_pos:
-      x = x + rope_lib.sincos_3d(coords, self.width, self.rope_theta).astype(x.dtype)
+      x = x + rope_lib.absolute_3d(self.abs_pos_kind, coords, self.width, self.rope_theta).astype(x.dtype)
     x = mesh_lib.constrain(x, ("act_batch", "act_len", "act_embed"))
     cond = self.conditioning(t_table, text_pooled)
     cond_ids = seg  # which conditioning-table row each token reads
@@ -153,9 +182,10 @@ class DiT(nnx.Module):
       cond_ids = seg + jnp.where((seg > 0) & (cond_mask > 0), t_table.shape[1], 0).astype(seg.dtype)
     rope = rope_lib.rope_3d(coords, self.width // self.num_heads, self.rope_theta)
     text = None if text is None else text.astype(self.dtype)
+    loc_ids = segments.location_ids(seg, coords) if self.temporal_attention else None
 
     def apply_block(block, x):
-      return block(x, cond, seg, rope, text, text_seg, cond_ids)
+      return block(x, cond, seg, rope, text, text_seg, cond_ids, loc_ids)
 
     policy = REMAT_POLICIES[self.remat]
     if self.scan_layers:
@@ -171,8 +201,12 @@ class DiT(nnx.Module):
       for block in self.blocks:
         fn = apply_block if self.remat == "none" else nnx.remat(apply_block, policy=policy)
         x = fn(block, x)
-    shift, scale = [m[:, :, 0] for m in jnp.split(
-        segments.gather(self.final_ada(jax.nn.silu(cond)), cond_ids), 2, axis=2)]
+    if self.pos_cond is None:
+      final_mod = segments.gather(self.final_ada(jax.nn.silu(cond)), cond_ids)
+    else:
+      pos = self.pos_cond(rope_lib.absolute_3d(self.abs_pos_kind, coords, self.width, self.rope_theta))
+      final_mod = self.final_ada(jax.nn.silu(segments.gather(cond, cond_ids) + pos))
+    shift, scale = [m[:, :, 0] for m in jnp.split(final_mod, 2, axis=2)]
     x = self.final_norm(x) * (1 + scale) + shift
     out = self.patch_out(x).astype(jnp.float32)
     return jnp.where((seg > 0)[..., None], out, 0.0)
@@ -187,4 +221,6 @@ def from_config(config, *, patch_dim: int, text_dim: int, backend: str, rngs: nn
              scan_layers=d.scan_layers, remat=d.remat, dtype=jnp.dtype(d.get("dtype", "float32")),
              num_classes=num_classes, cross_attention=d.get("cross_attention", True) and not num_classes,
              rope_theta=d.get("rope_theta", 10000.0), gate_init=d.get("gate_init", 0.0),
-             abs_pos=d.get("abs_pos", False), rngs=rngs)
+             abs_pos=d.get("abs_pos", False), temporal_attention=d.get("temporal_attention", False),
+             position_modulation=d.get("position_modulation", False),
+             abs_pos_kind=d.get("abs_pos_kind", "axes"), rngs=rngs)

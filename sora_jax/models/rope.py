@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _freqs(num_pairs: int, theta: float) -> jax.Array:
@@ -61,3 +62,33 @@ def apply(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   x1, x2 = jnp.split(x, 2, axis=-1)
   c, s = cos[:, :, None, :], sin[:, :, None, :]
   return jnp.concatenate([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1).astype(dtype)
+
+
+def oblique_3d(coords: jax.Array, dim: int, theta: float = 10000.0, seed: int = 0) -> jax.Array:
+  """coords [B, L, 3] -> additive embedding [B, L, dim] of plane waves in spacetime: [cos | sin] of
+  omega_k . (t, h, w) for dim / 2 fixed frequency vectors with directions uniform on the sphere and
+  magnitudes spread geometrically over [1 / theta, 1] (as the per-axis frequencies of `sincos_3d`).
+
+  An axis-aligned embedding describes a token's frame and its place in the frame separately, so anything
+  that depends on both together (where an object moving left is at time t) is a product the network has to
+  build. A wave with both time and space components is already such a function: cos(a w - b t) is a grating
+  moving at b / a tokens per frame, so a condition can select a motion by scaling one feature.
+  """
+  if dim % 2:
+    raise ValueError(f"oblique_3d needs an even dim, got {dim}")
+  rng = np.random.default_rng(seed)
+  directions = rng.standard_normal((dim // 2, 3))
+  directions /= np.linalg.norm(directions, axis=-1, keepdims=True)
+  magnitudes = theta ** -rng.uniform(0.0, 1.0, dim // 2)
+  omega = jnp.asarray((directions * magnitudes[:, None]).T, jnp.float32)  # [3, dim / 2]
+  angles = coords.astype(jnp.float32) @ omega
+  return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+def absolute_3d(kind: str, coords: jax.Array, dim: int, theta: float = 10000.0) -> jax.Array:
+  """The additive absolute embedding named by `dit.abs_pos_kind`: 'axes' (`sincos_3d`) or 'oblique'."""
+  if kind == "axes":
+    return sincos_3d(coords, dim, theta)
+  if kind == "oblique":
+    return oblique_3d(coords, dim, theta)
+  raise ValueError(f"dit.abs_pos_kind={kind!r}: choose 'axes' or 'oblique'")

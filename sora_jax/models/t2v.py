@@ -27,6 +27,7 @@ class TextToVideo(nnx.Module):
       self.num_classes, self.class_column = config.text.num_classes, config.text.class_column
     else:
       self.text, text_dim = text_lib.from_config(config.text, backend=backend, rngs=rngs), config.text.width
+      self.pool = config.text.get("pool", "mean")
       self.num_classes, self.class_column = 0, None
     self.dit = dit_lib.from_config(config, patch_dim=patch_dim, text_dim=text_dim, backend=backend, rngs=rngs)
 
@@ -43,6 +44,9 @@ class TextToVideo(nnx.Module):
     states = self.text(text, text_segment_ids, text_positions)
     if hasattr(self.text, "pool"):  # pretrained encoders pool as they were trained (e.g. normalised mean)
       return states, self.text.pool(states, text_segment_ids, num_segments)
+    if self.pool in ("words", "words_sum"):
+      return states, self.text.bag_of_words(text, text_segment_ids, num_segments,
+                                            normalize=self.pool == "words")
     return states, segments.mean(states, text_segment_ids, num_segments)
 
   def __call__(self, x, coords, segment_ids, t_table, text_states, text_segment_ids, text_pooled,

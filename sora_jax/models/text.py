@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sora_jax import segments
 from sora_jax.models import layers
 from sora_jax.models import rope as rope_lib
 from sora_jax.models import text_pretrained
@@ -76,13 +77,29 @@ class TextEncoder(nnx.Module):
     self.blocks = nnx.List([TextBlock(width, num_heads, backend=backend, rngs=rngs) for _ in range(depth)])
     self.norm = layers.RMSNorm(width)
 
-  def __call__(self, tokens, segment_ids, positions):
-    """tokens, segment_ids, positions: [B, Lt] -> states [B, Lt, width]."""
+  def embed_tokens(self, tokens):
+    """tokens [B, Lt] -> context-free word embeddings [B, Lt, width] (unit scale)."""
     if self.vocab_size <= 1024:
       # One-hot matmul: a gather's backward is a scatter-add, slow on CPU and TPU; the vocab is tiny.
-      x = jax.nn.one_hot(tokens, self.vocab_size, dtype=jnp.float32) @ self.embed[...]
-    else:
-      x = jnp.take(self.embed[...], tokens, axis=0)
+      return jax.nn.one_hot(tokens, self.vocab_size, dtype=jnp.float32) @ self.embed[...]
+    return jnp.take(self.embed[...], tokens, axis=0)
+
+  def bag_of_words(self, tokens, segment_ids, num_segments: int, *, normalize: bool = True):
+    """Per-segment sum of the word embeddings, over sqrt(caption length) with `normalize`: [B, S, width].
+
+    Every word keeps its own share of the pooled vector (1 / sqrt(length) per component normalised, unit
+    scale as a plain sum), where the mean of the contextual states gives a word that differs only at its
+    own position 1 / length of a difference the final norm has already shrunk (experiments/tiny_t2v/README.md).
+    """
+    oh = segments.onehot(segment_ids, num_segments)
+    total = jnp.einsum("bls,bld->bsd", oh, self.embed_tokens(tokens))
+    if not normalize:
+      return total
+    return total / jnp.sqrt(jnp.maximum(jnp.sum(oh, axis=1), 1.0))[..., None]
+
+  def __call__(self, tokens, segment_ids, positions):
+    """tokens, segment_ids, positions: [B, Lt] -> states [B, Lt, width]."""
+    x = self.embed_tokens(tokens)
     rope = rope_lib.rope_1d(positions, self.width // self.num_heads)
     for block in self.blocks:
       x = block(x, segment_ids, rope)

@@ -6,6 +6,7 @@ import pytest
 from flax import nnx
 
 from configs import tiny_t2v
+from sora_jax import segments
 from sora_jax.data import packing
 from sora_jax.models import t2v
 from sora_jax.models import rope as rope_lib
@@ -122,12 +123,13 @@ def test_rope_makes_output_depend_on_coordinates(setup):
   assert not np.allclose(np.asarray(o1), np.asarray(o2))
 
 
-@pytest.mark.parametrize("abs_pos", [False, True])
-def test_only_abs_pos_makes_output_depend_on_absolute_position(abs_pos):
+@pytest.mark.parametrize("abs_pos,kind", [(False, "axes"), (True, "axes"), (True, "oblique")])
+def test_only_abs_pos_makes_output_depend_on_absolute_position(abs_pos, kind):
   # RoPE is relative: shifting every coordinate of a clip by the same amount changes nothing. With abs_pos
   # each token also knows its frame and place in the frame, so the same shift changes the output.
   config = tiny_t2v.get_config("runlocal")
   config.dit.abs_pos = abs_pos
+  config.dit.abs_pos_kind = kind
   config, mesh, graphdef, params, rest = _perturbed(config)
   rows = _rows([_sample(config, (3, 2, 4), "a red circle moving left", 0, index=7)])
   shifted = dict(rows)
@@ -151,6 +153,22 @@ def test_sincos_3d_uses_the_rope_angles():
                              rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="even dim"):
     rope_lib.sincos_3d(coords, 35)
+
+
+def test_oblique_3d_is_a_fixed_set_of_spacetime_plane_waves():
+  coords = jnp.asarray(np.random.default_rng(0).integers(0, 9, (2, 6, 3)))
+  shift = jnp.asarray([[[1, 2, 3]]])
+  def waves(c):
+    e = np.asarray(rope_lib.oblique_3d(c, 64, theta=100.0))
+    return e[..., :32] + 1j * e[..., 32:]
+  # A plane wave: moving by a fixed offset turns every feature by its own fixed phase, whatever the start.
+  np.testing.assert_allclose(waves(coords + shift), waves(coords) * waves(shift), rtol=1e-4, atol=1e-5)
+  # The frequencies are part of every trained checkpoint that uses them: pinned.
+  np.testing.assert_allclose(np.asarray(rope_lib.oblique_3d(jnp.asarray([[[1, 2, 3]]]), 8, theta=100.0))[0, 0],
+                             [0.998668, 0.988035, 0.99977, 0.729237, 0.051606, 0.154231, 0.021464, -0.684261],
+                             atol=2e-6)
+  with pytest.raises(ValueError, match="abs_pos_kind='diagonal'"):
+    rope_lib.absolute_3d("diagonal", coords, 64)
 
 
 @pytest.mark.parametrize("gate_init", [0.0, 0.5])
@@ -179,3 +197,39 @@ def test_gate_init_opens_the_residual_branches_at_init(gate_init):
                         kv_segment_ids=rows["text_segment_ids"])
   changed = float(jnp.abs(y - x).max())
   assert (changed == 0.0) if gate_init == 0.0 else (changed > 1e-2)
+
+
+def test_location_ids_name_one_place_of_one_clip():
+  seg = jnp.array([[1, 1, 1, 1, 2, 2, 0]])
+  coords = jnp.array([[[0, 0, 0], [0, 0, 1], [1, 0, 0], [1, 0, 1], [0, 0, 0], [0, 1, 2], [0, 0, 0]]])
+  ids = np.asarray(segments.location_ids(seg, coords))[0]
+  assert ids[6] == 0  # padding
+  assert ids[0] == ids[2] and ids[1] == ids[3]  # same (h, w) in another frame of the same clip
+  assert len({ids[0], ids[1], ids[4], ids[5]}) == 4 and 0 not in ids[:6]  # other place or other clip
+
+
+@pytest.mark.parametrize("temporal", [False, True])
+def test_temporal_attention_mixes_only_one_location_through_time(temporal):
+  # With the spacetime attention's output zeroed, the temporal path is the only thing that mixes tokens
+  # (MLP and modulation are per token, cross-attention reads only text): a change at one token of one clip
+  # must reach exactly the tokens at its (h, w) in that clip, in every frame, and nothing else.
+  config = tiny_t2v.get_config("runlocal")
+  config.dit.temporal_attention = temporal
+  config, mesh, graphdef, params, rest = _perturbed(config)
+  attn_out = params["dit"]["blocks"]["attn"]["o"]
+  attn_out["kernel"].value = jnp.zeros_like(attn_out["kernel"].value)
+  attn_out["bias"].value = jnp.zeros_like(attn_out["bias"].value)
+  rows = _rows([_sample(config, (3, 4, 4), "a red circle moving left", 0, index=7),
+                _sample(config, (3, 4, 4), "a blue square moving up", 1, index=8)])
+  seg, coords = np.asarray(rows["tokens_segment_ids"][0]), np.asarray(rows["coords"][0])
+  changed = dict(rows)
+  changed["tokens"] = rows["tokens"].copy()
+  changed["tokens"][0, 0] += 1.0  # token 0: clip 1, frame 0, (h, w) = (0, 0)
+  with mesh_lib.use(mesh, mesh_lib.DIT_RULES):
+    o1 = np.asarray(_forward(graphdef, params, rest, rows, 0.5))[0]
+    o2 = np.asarray(_forward(graphdef, params, rest, changed, 0.5))[0]
+  moved = np.abs(o2 - o1).max(-1) > 1e-5
+  same_place = (seg == seg[0]) & (coords[:, 1] == coords[0, 1]) & (coords[:, 2] == coords[0, 2])
+  expected = same_place if temporal else (np.arange(len(seg)) == 0)
+  assert same_place.sum() == 3  # the test's premise: one token per frame at that place
+  np.testing.assert_array_equal(moved, expected)
