@@ -63,10 +63,7 @@ def main(argv):
                                config.text.tokenizer)
       tokens, coords, grid = packing.patchify(np.asarray(ex["latent"], np.float32), patch)
       samples.append(packing.sample_features(tokens, coords, grid, text, labels, i))
-    rows = packing.stack_rows([r for s in samples for r in packing.pack_list(
-        [s], seq_len=len(s["tokens"]), text_seq_len=len(s["text"]),
-        max_segments=config.train_dit.max_segments)])
-    return jax.tree.map(jnp.asarray, rows)
+    return probes.one_clip_per_row(samples, config.train_dit.max_segments)
 
   result = {"workdir": _WORKDIR.value, "dit_step": models.dit_step, "num_clips": len(clips),
             "latent_grid": list(grid_shape[:3]), "t": {}}

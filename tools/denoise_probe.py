@@ -57,9 +57,7 @@ def main(argv):
     samples.append(packing.sample_features(tokens, coords, grid, text, np.asarray(ex["labels"]), i))
     labels.append(np.asarray(ex["labels"]))
   # One clip per row: every row has the same length, so they stack into one batch.
-  rows = packing.stack_rows([r for s in samples for r in packing.pack_list(
-      [s], seq_len=len(s["tokens"]), text_seq_len=len(s["text"]), max_segments=config.train_dit.max_segments)])
-  rows = jax.tree.map(jnp.asarray, rows)
+  rows = probes.one_clip_per_row(samples, config.train_dit.max_segments)
   grid = tuple(int(n) for n in samples[0]["grid"][0])
   decode = train_vae.make_decode_fn(models.vae[0], mesh)
   result = {"workdir": _WORKDIR.value, "dit_step": models.dit_step, "num_clips": len(clips),

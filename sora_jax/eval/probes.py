@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sora_jax.data import packing
 from sora_jax.data import synthetic
 from sora_jax.diffusion import flow
 from sora_jax.train import train_dit
@@ -60,3 +61,10 @@ def data_patterns(cache, grid_shape, attribute: str):
   means = sums / np.maximum(counts, 1)[:, None, None, None, None]
   present = counts > 0
   return np.where(present[:, None, None, None, None], means - means[present].mean(0), 0.0), present
+
+
+def one_clip_per_row(samples, max_segments: int) -> dict:
+  """Per-sample features of clips of one grid -> packed rows [num_clips, ...], one clip each, as jax arrays."""
+  rows = packing.stack_rows([r for s in samples for r in packing.pack_list(
+      [s], seq_len=len(s["tokens"]), text_seq_len=len(s["text"]), max_segments=max_segments)])
+  return jax.tree.map(jnp.asarray, rows)
