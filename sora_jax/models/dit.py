@@ -172,7 +172,8 @@ class DiT(nnx.Module):
     clean) -> velocity [B,L,P] (zero on padding). `text` may be None without cross-attention."""
     x = self.patch_in(tokens.astype(self.dtype))
     if self.abs_pos:
-      x = x + rope_lib.absolute_3d(self.abs_pos_kind, coords, self.width, self.rope_theta).astype(x.dtype)
+      x = x + rope_lib.absolute_3d(self.abs_pos_kind, coords, self.width, self.rope_theta, segment_ids=seg,
+                                   num_segments=t_table.shape[1]).astype(x.dtype)
     x = mesh_lib.constrain(x, ("act_batch", "act_len", "act_embed"))
     cond = self.conditioning(t_table, text_pooled)
     cond_ids = seg  # which conditioning-table row each token reads
@@ -204,7 +205,8 @@ class DiT(nnx.Module):
     if self.pos_cond is None:
       final_mod = segments.gather(self.final_ada(jax.nn.silu(cond)), cond_ids)
     else:
-      pos = self.pos_cond(rope_lib.absolute_3d(self.abs_pos_kind, coords, self.width, self.rope_theta))
+      pos = self.pos_cond(rope_lib.absolute_3d(self.abs_pos_kind, coords, self.width, self.rope_theta,
+                                               segment_ids=seg, num_segments=t_table.shape[1]))
       final_mod = self.final_ada(jax.nn.silu(segments.gather(cond, cond_ids) + pos))
     shift, scale = [m[:, :, 0] for m in jnp.split(final_mod, 2, axis=2)]
     x = self.final_norm(x) * (1 + scale) + shift

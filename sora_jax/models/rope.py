@@ -85,10 +85,47 @@ def oblique_3d(coords: jax.Array, dim: int, theta: float = 10000.0, seed: int = 
   return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
 
 
-def absolute_3d(kind: str, coords: jax.Array, dim: int, theta: float = 10000.0) -> jax.Array:
-  """The additive absolute embedding named by `dit.abs_pos_kind`: 'axes' (`sincos_3d`) or 'oblique'."""
+def segment_extent(coords: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
+  """Largest (t, h, w) coordinate of each token's own segment: float [B, L, 3] (0 on padding).
+
+  The grid a token belongs to, read from the packed row itself (no side input), so that positions can be
+  given as fractions of the clip whatever its size."""
+  oh = (segment_ids[..., None] == jnp.arange(1, num_segments + 1, dtype=segment_ids.dtype))  # [B, L, S]
+  c = coords.astype(jnp.float32)
+  ext = jnp.max(jnp.where(oh[..., None], c[:, :, None, :], 0.0), axis=1)  # [B, S, 3]
+  return jnp.einsum("bls,bsc->blc", oh.astype(jnp.float32), ext, precision=jax.lax.Precision.HIGHEST)
+
+
+def fractional_3d(coords: jax.Array, extent: jax.Array, dim: int) -> jax.Array:
+  """coords, extent [B, L, 3] -> additive embedding [B, L, dim]: per axis, [cos | sin] of pi k f for
+  k = 1..n, where f = coord / extent is the token's place as a fraction of its clip (0 at the first
+  frame / top / left, 1 at the last / bottom / right; 0 on an axis of length 1).
+
+  With integer coordinates, "the right edge" is a different feature in a 4-token-wide and a 6-token-wide
+  clip, so a condition that means "on the right early, on the left late" has to be learnt per grid size;
+  as fractions, every size shares it (NaViT's fractional position embeddings, in sinusoidal form).
+  """
+  if dim % 2:
+    raise ValueError(f"fractional_3d needs an even dim, got {dim}")
+  frac = coords.astype(jnp.float32) / jnp.maximum(extent.astype(jnp.float32), 1.0)
+  angles = jnp.concatenate([frac[..., i:i + 1] * (jnp.pi * jnp.arange(1, n + 1, dtype=jnp.float32))
+                            for i, n in enumerate(_split_3d(dim // 2)) if n], axis=-1)
+  return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+ABS_POS_KINDS = ("axes", "oblique", "fractional")
+
+
+def absolute_3d(kind: str, coords: jax.Array, dim: int, theta: float = 10000.0, *,
+                segment_ids: jax.Array | None = None, num_segments: int | None = None) -> jax.Array:
+  """The additive absolute embedding named by `dit.abs_pos_kind`: 'axes' (`sincos_3d`), 'oblique'
+  (`oblique_3d`) or 'fractional' (`fractional_3d`, which needs the packed row's segment ids)."""
   if kind == "axes":
     return sincos_3d(coords, dim, theta)
   if kind == "oblique":
     return oblique_3d(coords, dim, theta)
-  raise ValueError(f"dit.abs_pos_kind={kind!r}: choose 'axes' or 'oblique'")
+  if kind == "fractional":
+    if segment_ids is None or num_segments is None:
+      raise ValueError("abs_pos_kind='fractional' needs segment_ids and num_segments")
+    return fractional_3d(coords, segment_extent(coords, segment_ids, num_segments), dim)
+  raise ValueError(f"dit.abs_pos_kind={kind!r}: choose one of {ABS_POS_KINDS}")

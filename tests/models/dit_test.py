@@ -123,7 +123,7 @@ def test_rope_makes_output_depend_on_coordinates(setup):
   assert not np.allclose(np.asarray(o1), np.asarray(o2))
 
 
-@pytest.mark.parametrize("abs_pos,kind", [(False, "axes"), (True, "axes"), (True, "oblique")])
+@pytest.mark.parametrize("abs_pos,kind", [(False, "axes"), (True, "axes"), (True, "oblique"), (True, "fractional")])
 def test_only_abs_pos_makes_output_depend_on_absolute_position(abs_pos, kind):
   # RoPE is relative: shifting every coordinate of a clip by the same amount changes nothing. With abs_pos
   # each token also knows its frame and place in the frame, so the same shift changes the output.
@@ -169,6 +169,32 @@ def test_oblique_3d_is_a_fixed_set_of_spacetime_plane_waves():
                              atol=2e-6)
   with pytest.raises(ValueError, match="abs_pos_kind='diagonal'"):
     rope_lib.absolute_3d("diagonal", coords, 64)
+
+
+def test_fractional_3d_places_tokens_as_fractions_of_their_own_clip():
+  # One packed row: a 2x4 clip (segment 1), a 1x6 clip (segment 2), then padding. The right edge of either
+  # clip gets the same embedding, its left edge too, whatever the grid; the middle of the 6-wide one is at 0.4.
+  cols1, cols2 = np.arange(4), np.arange(6)
+  coords = np.zeros((1, 4 + 6 + 2, 3), np.int32)
+  coords[0, :4, 2] = cols1
+  coords[0, :4, 1] = 1
+  coords[0, 4:10, 2] = cols2
+  seg = np.array([[1] * 4 + [2] * 6 + [0, 0]], np.int32)
+  emb = np.asarray(rope_lib.absolute_3d("fractional", jnp.asarray(coords), 36, segment_ids=jnp.asarray(seg),
+                                        num_segments=3))
+  assert np.isfinite(emb).all()
+  pairs_t, pairs_h, pairs_w = 6, 6, 6
+  w_cos = emb[0, :, pairs_t + pairs_h:18]  # cos of pi k f_w, k = 1..6
+  np.testing.assert_allclose(w_cos[3], w_cos[9], atol=1e-6)   # right edges
+  np.testing.assert_allclose(w_cos[0], w_cos[4], atol=1e-6)   # left edges
+  np.testing.assert_allclose(w_cos[6], np.cos(np.pi * np.arange(1, 7) * 2 / 5), rtol=1e-5, atol=1e-6)
+  # Integer coordinates (`axes`) tell the two right edges apart.
+  axes = np.asarray(rope_lib.sincos_3d(jnp.asarray(coords), 36))
+  assert np.abs(axes[0, 3] - axes[0, 9]).max() > 0.1
+  # An axis of length 1 sits at fraction 0 (the 1-row clip's h, every clip's t here).
+  np.testing.assert_allclose(emb[0, 4:10, pairs_t:pairs_t + pairs_h], 1.0, atol=1e-6)
+  with pytest.raises(ValueError, match="needs segment_ids"):
+    rope_lib.absolute_3d("fractional", jnp.asarray(coords), 36)
 
 
 @pytest.mark.parametrize("gate_init", [0.0, 0.5])
