@@ -73,8 +73,9 @@ def get_config(arg=None):
       lr=2e-3, warmup_steps=200, weight_decay=0.01, grad_clip=1.0, ema_decay=0.999,
       caption_dropout=0.1, token_drop_rate=0.0, eval_every=0, log_every=50, ckpt_every=1000, keep=2, num_packing_bins=16)
   # Frame conditioning in training (image-to-video, extension, connecting): a mask strategy per segment.
+  # start_step: DiT steps trained without frame conditioning first (0: conditioned from the start).
   c.cond = dict(mask_ratios=dict(none=0.5, first=0.1, last=0.05, first_last=0.05, prefix=0.15, suffix=0.05,
-                                 random=0.1))
+                                 random=0.1), start_step=0)
   c.sample = dict(
       steps=25, solver="euler", guidance=4.0, num_heldout_prompts=32, prompts_file="", batch_size=16,
       use_ema=True, guidance_image=1.0, guidance_interval=(0.0, 1.0), negative_prompt="")

@@ -195,6 +195,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("train_dit.ema_decay", config.train_dit.ema_decay, "must be in [0, 1)")
   if not 0.0 <= config.train_dit.caption_dropout <= 1.0:
     _fail("train_dit.caption_dropout", config.train_dit.caption_dropout, "must be in [0, 1]")
+  if (config.get("cond") or {}).get("start_step", 0) < 0:
+    _fail("cond.start_step", config.cond.start_step, "must be non-negative")
   if not 0.0 <= config.train_dit.get("token_drop_rate", 0.0) < 1.0:
     _fail("train_dit.token_drop_rate", config.train_dit.token_drop_rate, "must be in [0, 1)")
   if config.train_dit.max_segments < 1:

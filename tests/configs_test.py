@@ -46,6 +46,7 @@ def test_parse_arg_types_and_errors():
     ("dit.num_heads", 5, r"config.dit.num_heads=5: must divide dit.width=144"),
     ("dit.rope_theta", 1.0, r"config.dit.rope_theta=1.0: must be > 1"),
     ("text.pool", "max", r"config.text.pool='max': must be 'mean', 'words' or 'words_sum'"),
+    ("cond.start_step", -1, r"config.cond.start_step=-1: must be non-negative"),
     ("dit.abs_pos_kind", "diagonal", r"config.dit.abs_pos_kind=.diagonal.: must be .axes., .oblique. or .fractional."),
     ("text.tokenizer", "bpe", r"config.text.tokenizer=.bpe.: choose one of \(.bytes., .words."),
     ("data.sizes", [(8, 32, 32)], r"frames must be 1 \+ 2\*k"),

@@ -86,8 +86,11 @@ def batch_text(model, batch, max_segments: int, labels=None):
                            labels=batch.get("labels") if labels is None else labels)
 
 
-def denoiser_loss(model, batch, rng, config):
-  """Flow-matching loss of one packed batch (frame-conditioned tokens given clean and not counted)."""
+def denoiser_loss(model, batch, rng, config, step=None):
+  """Flow-matching loss of one packed batch (frame-conditioned tokens given clean and not counted).
+
+  With `step` (the train step) and `config.cond.start_step` > 0, no token is conditioned before that step:
+  the caption alone has to carry the clip until then (experiments/tiny_t2v/README.md, runs AG and D13)."""
   S = config.train_dit.max_segments
   seg = batch["tokens_segment_ids"]
   x0 = batch["tokens"]
@@ -103,6 +106,9 @@ def denoiser_loss(model, batch, rng, config):
     # fold_in keeps t and noise identical to an unconditioned run with the same rng.
     cond_mask = masks.sample_token_mask(jax.random.fold_in(rng, 1), batch["coords"][..., 0], seg,
                                         batch["grid"][..., 0], probs)
+    start = (config.get("cond") or {}).get("start_step", 0)
+    if step is not None and start > 0:
+      cond_mask = cond_mask & (step >= start)
     x_t = jnp.where(cond_mask[..., None], x0, x_t)
     weight = 1.0 - cond_mask.astype(jnp.float32)
   labels = batch.get("labels")
@@ -188,7 +194,7 @@ def make_train_step(config, graphdef, tx, shardings):
     rng = jax.random.fold_in(jax.random.key(config.seed + 1), state.step)
 
     def loss_fn(params):
-      return denoiser_loss(nnx.merge(graphdef, params, state.rest), batch, rng, config)
+      return denoiser_loss(nnx.merge(graphdef, params, state.rest), batch, rng, config, step=state.step)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

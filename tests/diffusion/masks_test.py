@@ -126,3 +126,25 @@ def test_loss_gives_conditioned_tokens_clean_and_leaves_them_out():
   np.testing.assert_allclose(loss, want, rtol=1e-6)
   unmasked, _ = flow.flow_loss(jnp.zeros_like(x0), target, seg, max_segments=4)
   assert abs(float(unmasked) - float(loss)) > 1e-4
+
+
+def test_no_token_is_conditioned_before_cond_start_step():
+  frame, seg, nframes = _batch()
+  config = tiny_t2v.get_config("runlocal")
+  config.train_dit.max_segments = 4
+  config.cond.mask_ratios = {"first": 1.0}
+  config.cond.start_step = 10
+  grid = jnp.stack([nframes, jnp.ones_like(nframes), jnp.ones_like(nframes)], -1)
+  batch = {"tokens": jax.random.normal(jax.random.key(3), (2, L, 4)), "tokens_segment_ids": seg,
+           "coords": jnp.stack([frame] * 3, -1), "grid": grid, "text": jnp.zeros((2, 4), jnp.int32),
+           "text_segment_ids": jnp.zeros((2, 4), jnp.int32), "text_positions": jnp.zeros((2, 4), jnp.int32)}
+  model = _ZeroModel()
+  before = train_dit.denoiser_loss(model, batch, jax.random.key(0), config, step=jnp.asarray(9))
+  assert not np.asarray(model.cond_mask).any()
+  after = train_dit.denoiser_loss(model, batch, jax.random.key(0), config, step=jnp.asarray(10))
+  assert np.asarray(model.cond_mask).sum() > 0
+  # Before the start step the loss counts every token, as an unconditioned run with the same rng does.
+  config.cond.mask_ratios = {"none": 1.0}
+  np.testing.assert_allclose(float(before), float(train_dit.denoiser_loss(model, batch, jax.random.key(0), config)),
+                             rtol=1e-6)
+  assert float(after) != float(before)
