@@ -166,8 +166,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("text.pool", config.text.pool, "must be 'mean', 'words' or 'words_sum'")
   if config.text.get("pool", "mean") != "mean" and config.text.encoder != "trainable":
     _fail("text.pool", config.text.pool, f"bag-of-words pooling needs text.encoder='trainable', not {config.text.encoder!r}")
-  if dit.get("abs_pos_kind", "axes") not in ("axes", "oblique", "fractional"):
-    _fail("dit.abs_pos_kind", dit.abs_pos_kind, "must be 'axes', 'oblique' or 'fractional'")
+  from sora_jax.models import rope as rope_lib  # noqa: PLC0415 (keeps config parsing import-light)
+  if dit.get("abs_pos_kind", "axes") not in rope_lib.ABS_POS_KINDS:
+    *rest, last = [repr(k) for k in rope_lib.ABS_POS_KINDS]
+    _fail("dit.abs_pos_kind", dit.abs_pos_kind, f"must be {', '.join(rest)} or {last}")
   if config.text.max_len < 2:
     _fail("text.max_len", config.text.max_len, "must be at least 2 (BOS + one token)")
   from sora_jax.models import text as text_lib  # noqa: PLC0415 (keeps config parsing import-light)

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sora_jax import segments
+
 
 def _freqs(num_pairs: int, theta: float) -> jax.Array:
   return 1.0 / (theta ** (jnp.arange(num_pairs, dtype=jnp.float32) / num_pairs))
@@ -90,10 +92,9 @@ def segment_extent(coords: jax.Array, segment_ids: jax.Array, num_segments: int)
 
   The grid a token belongs to, read from the packed row itself (no side input), so that positions can be
   given as fractions of the clip whatever its size."""
-  oh = (segment_ids[..., None] == jnp.arange(1, num_segments + 1, dtype=segment_ids.dtype))  # [B, L, S]
-  c = coords.astype(jnp.float32)
-  ext = jnp.max(jnp.where(oh[..., None], c[:, :, None, :], 0.0), axis=1)  # [B, S, 3]
-  return jnp.einsum("bls,bsc->blc", oh.astype(jnp.float32), ext, precision=jax.lax.Precision.HIGHEST)
+  oh = segments.onehot(segment_ids, num_segments, dtype=jnp.bool_)  # [B, L, S]
+  ext = jnp.max(jnp.where(oh[..., None], coords.astype(jnp.float32)[:, :, None, :], 0.0), axis=1)  # [B, S, 3]
+  return segments.gather(ext, segment_ids)
 
 
 def fractional_3d(coords: jax.Array, extent: jax.Array, dim: int) -> jax.Array:
