@@ -63,7 +63,8 @@ def get_config(arg=None):
   c.dit = dict(
       width=arg.width, depth=arg.depth, num_heads=4, mlp_ratio=4.0, patch_size=(1, 2, 2), qk_norm=False,
       scan_layers=True, remat="none", rope_theta=100.0, gate_init=0.0, abs_pos=False,
-      abs_pos_kind="axes", temporal_attention=False, position_modulation=False, cross_attention=True)
+      abs_pos_kind="axes", temporal_attention=False, position_modulation=False, cross_attention=True,
+      cond_flag=False)
   c.flow = dict(
       t_sampling="logit_normal", logit_mean=0.0, logit_std=1.0,
       # Larger grids get more noise: shift = sqrt(tokens / shift_base_tokens), clipped to [1, max_shift].

@@ -23,6 +23,11 @@ def gather(table: jax.Array, segment_ids: jax.Array) -> jax.Array:
   return out.reshape(segment_ids.shape + table.shape[2:])
 
 
+def count(mask: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
+  """Number of tokens per segment where `mask` [B, L] holds: [B, S] float."""
+  return jnp.einsum("bls,bl->bs", onehot(segment_ids, num_segments), mask.astype(jnp.float32))
+
+
 def mean(x: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
   """Mean of token features per segment: x [B, L, D] -> [B, S, D] (empty segments: 0)."""
   oh = onehot(segment_ids, num_segments)

@@ -37,6 +37,13 @@ With per-segment modulation the output layer can only move a whole clip's mean b
 shape, background); a caption whose mean is a pattern in space and time ("moving left": on the right early,
 on the left late) must be built by the blocks. Here one hidden layer (silu of the sum) holds that
 interaction. Cost: one [L, D] x [D, 2D] matmul per token, once per forward.
+
+`cond_flag` adds a learned vector to the conditioning of every token of a segment that has given frames
+(any `cond_mask` token), so the noisy tokens of a clip know whether the clip's content is partly given or
+must come from the caption alone. Without it only the given tokens themselves are marked (modulated as
+t = 0), and a noisy token can only find out through attention; with frame conditioning in training, the
+caption stops steering direction (experiments/tiny_t2v/README.md, runs AG and D9-D14). Unit scale at
+init, like the class embedding. Text-to-video (no `cond_mask`) never adds it.
 """
 from __future__ import annotations
 
@@ -119,7 +126,7 @@ class DiT(nnx.Module):
                remat: str = "none", dtype=jnp.float32, num_classes: int = 0, cross_attention: bool = True,
                rope_theta: float = 10000.0, gate_init: float = 0.0, abs_pos: bool = False,
                temporal_attention: bool = False, position_modulation: bool = False,
-               abs_pos_kind: str = "axes", rngs: nnx.Rngs):
+               abs_pos_kind: str = "axes", cond_flag: bool = False, rngs: nnx.Rngs):
     if remat not in REMAT_POLICIES:
       raise ValueError(f"dit.remat={remat!r}: choose one of {sorted(REMAT_POLICIES)}")
     self.width, self.num_heads, self.depth = width, num_heads, depth
@@ -128,6 +135,9 @@ class DiT(nnx.Module):
     self.temporal_attention, self.abs_pos_kind = temporal_attention, abs_pos_kind
     # Final-layer modulation per token from (conditioning + its position): see the module docstring.
     self.pos_cond = (layers.Dense(width, width, ("embed", "cond"), rngs=rngs) if position_modulation else None)
+    # Added to the conditioning of segments with given frames (see the module docstring).
+    self.cond_flag = (nnx.Param(jax.random.normal(rngs.params(), (width,)), out_sharding=("cond",))
+                      if cond_flag else None)
     self.patch_in = layers.Dense(patch_dim, width, ("patch", "embed"), dtype=dtype, rngs=rngs)
     self.t_mlp1 = layers.Dense(256, width, ("cond", "embed"), rngs=rngs)
     self.t_mlp2 = layers.Dense(width, width, ("embed", "cond"), rngs=rngs)
@@ -180,6 +190,9 @@ class DiT(nnx.Module):
     if cond_mask is not None:
       # Rows S.. of the doubled table hold each segment's conditioning at t = 0.
       cond = jnp.concatenate([cond, self.conditioning(jnp.zeros_like(t_table), text_pooled)], axis=1)
+      if self.cond_flag is not None:
+        given = segments.count(cond_mask > 0, seg, t_table.shape[1]) > 0  # [B, S]
+        cond = cond + jnp.tile(given, (1, 2))[..., None] * self.cond_flag[...]
       cond_ids = seg + jnp.where((seg > 0) & (cond_mask > 0), t_table.shape[1], 0).astype(seg.dtype)
     rope = rope_lib.rope_3d(coords, self.width // self.num_heads, self.rope_theta)
     text = None if text is None else text.astype(self.dtype)
@@ -225,4 +238,4 @@ def from_config(config, *, patch_dim: int, text_dim: int, backend: str, rngs: nn
              rope_theta=d.get("rope_theta", 10000.0), gate_init=d.get("gate_init", 0.0),
              abs_pos=d.get("abs_pos", False), temporal_attention=d.get("temporal_attention", False),
              position_modulation=d.get("position_modulation", False),
-             abs_pos_kind=d.get("abs_pos_kind", "axes"), rngs=rngs)
+             abs_pos_kind=d.get("abs_pos_kind", "axes"), cond_flag=d.get("cond_flag", False), rngs=rngs)

@@ -259,3 +259,33 @@ def test_temporal_attention_mixes_only_one_location_through_time(temporal):
   expected = same_place if temporal else (np.arange(len(seg)) == 0)
   assert same_place.sum() == 3  # the test's premise: one token per frame at that place
   np.testing.assert_array_equal(moved, expected)
+
+
+def test_cond_flag_reaches_exactly_the_segments_with_given_frames():
+  # Two clips in one row; a token of clip 7 is given. With cond_flag the *noisy* tokens of clip 7 change
+  # (they learn that part of their clip is given), clip 1's output does not, and text-to-video (no given
+  # token anywhere) is the same as without a mask.
+  config = tiny_t2v.get_config("runlocal")
+  config.dit.cond_flag = True
+  config, mesh, graphdef, params, rest = _perturbed(config)
+  rows = _rows([_sample(config, (1, 4, 2), "a blue square moving up", 1, index=1),
+                _sample(config, (3, 2, 4), "a red circle moving left", 0, index=7)])
+  seg = jnp.asarray(rows["tokens_segment_ids"])
+  first_of_7 = jnp.argmax(seg == 2, axis=1)
+  given = (jnp.arange(seg.shape[1])[None] == first_of_7[:, None]).astype(jnp.int32)
+
+  def forward(cond_mask, flag_scale=1.0):
+    model = nnx.merge(graphdef, params, rest)
+    model.dit.cond_flag[...] = model.dit.cond_flag[...] * flag_scale
+    t_table = jnp.full(rows["grid"].shape[:2], 0.6, jnp.float32)
+    text, pooled = model.encode_text(rows["text"], rows["text_segment_ids"], rows["text_positions"], S)
+    return np.asarray(model(rows["tokens"], rows["coords"], seg, t_table, text, rows["text_segment_ids"],
+                            pooled, cond_mask=cond_mask))
+
+  with mesh_lib.use(mesh, mesh_lib.DIT_RULES):
+    plain, zeros = forward(None), forward(jnp.zeros_like(seg))
+    flagged, unflagged = forward(given), forward(given, flag_scale=0.0)
+  np.testing.assert_allclose(zeros, plain, rtol=1e-5, atol=1e-6)
+  noisy_7 = np.asarray((seg == 2) & (given == 0))
+  assert np.abs(flagged - unflagged)[noisy_7].min() > 1e-4
+  np.testing.assert_allclose(flagged[np.asarray(seg == 1)], unflagged[np.asarray(seg == 1)], rtol=1e-5, atol=1e-6)
