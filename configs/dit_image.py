@@ -20,7 +20,7 @@ from sora_jax.models import dit as dit_lib
 
 def class_conditional(c, *, num_classes: int, class_column: int = 0, label_dropout: float = 0.1):
   """Switches a text-to-video config to class labels (shared with configs/dit_class_video.py)."""
-  c.text.update(encoder="class", num_classes=num_classes, class_column=class_column, max_len=2,
+  c.text.update(encoder="class", num_classes=num_classes, class_column=class_column, max_len=2, pool="mean",
                 tokenizer="bytes", depth=0)
   c.dit.cross_attention = False
   c.train_dit.update(caption_dropout=label_dropout, text_seq_len=2 * c.train_dit.max_segments)
@@ -39,6 +39,7 @@ def get_config(arg=None):
   c.vae.update(channel_mults=(1, 2, 4, 4), temporal_downsample=(False, False, False), latent_channels=4,
                patch_size=1, spatial_downsample=None)
   c.train_vae.update(sizes=[(1, r, r)], size_weights=[1.0])
+  tiny_t2v.use_large_model_schedule(c)
   c.dit.update(width=v["width"], depth=v["depth"], num_heads=v["num_heads"], mlp_ratio=4.0,
                patch_size=(1, v["patch"], v["patch"]), qk_norm=True, rope_theta=10000.0)
   tokens = (r // 8 // v["patch"]) ** 2

@@ -14,7 +14,7 @@ from sora_jax import configs_lib
 
 def get_config(arg=None):
   arg = configs_lib.parse_arg(
-      arg, runlocal=False, variable=True, vae_steps=300, dit_steps=1000, width=144, depth=6,
+      arg, runlocal=False, variable=True, vae_steps=300, dit_steps=2000, width=144, depth=6,
       encode_samples=2000, res=32)
   c = configs_lib.ml_collections.ConfigDict()
   c.mode = "all"
@@ -55,30 +55,42 @@ def get_config(arg=None):
       log_every=50, ckpt_every=500, keep=2)
   c.encode = dict(num_samples=arg.encode_samples, batch_size=32)
   # precomputed: text embeddings from tools/encode_text.py (frozen pretrained encoders only), '' = live.
+  # The caption reaches the DiT as the sum of its word embeddings, added to the timestep embedding (adaLN),
+  # with no cross-attention: on this data that is the text path from which the DiT learns to follow a
+  # direction (experiments/tiny_t2v/README.md, run AF); with cross-attention it learns none.
+  # `use_cross_attention(c)` switches to per-token cross-attention for long, real captions.
   c.text = dict(encoder="trainable", tokenizer="words", max_len=16, width=128, depth=2, num_heads=4,
-                pool="mean", precomputed="")
+                pool="words_sum", precomputed="")
   # Head dim 36 on a 5x4x4 token grid: with QK-norm (logits bounded by sqrt(36) = 6) and RoPE base 10^4 (two
   # of six frequencies per axis turn noticeably over 4-5 positions) attention cannot become position-selective
   # in the demo's steps; no QK-norm and base 100 learn faster (experiments/tiny_t2v/README.md).
+  # abs_pos: each token also knows where it is in its clip, so "moving left" can become "on the right early,
+  # on the left late" directly (RoPE alone only tells attention how far apart two tokens are).
   c.dit = dict(
       width=arg.width, depth=arg.depth, num_heads=4, mlp_ratio=4.0, patch_size=(1, 2, 2), qk_norm=False,
-      scan_layers=True, remat="none", rope_theta=100.0, gate_init=0.0, abs_pos=False,
-      abs_pos_kind="axes", temporal_attention=False, position_modulation=False, cross_attention=True,
+      scan_layers=True, remat="none", rope_theta=100.0, gate_init=0.0, abs_pos=True,
+      abs_pos_kind="axes", temporal_attention=False, position_modulation=False, cross_attention=False,
       cond_flag=False)
   c.flow = dict(
       t_sampling="logit_normal", logit_mean=0.0, logit_std=1.0,
       # Larger grids get more noise: shift = sqrt(tokens / shift_base_tokens), clipped to [1, max_shift].
-      resolution_shift=True, shift_base_tokens=80, max_shift=4.0)
+      # Base 9 tokens: the demo's 80-token clips train at shift 3, more time at the high noise where a
+      # clip's layout (and so its direction) is decided (experiments/tiny_t2v/README.md, run K).
+      resolution_shift=True, shift_base_tokens=9, max_shift=4.0)
   c.train_dit = dict(
       steps=arg.dit_steps, batch_size=4, seq_len=320, text_seq_len=128, max_segments=8,
       lr=2e-3, warmup_steps=200, weight_decay=0.01, grad_clip=1.0, ema_decay=0.999,
       caption_dropout=0.1, token_drop_rate=0.0, eval_every=0, log_every=50, ckpt_every=1000, keep=2, num_packing_bins=16)
   # Frame conditioning in training (image-to-video, extension, connecting): a mask strategy per segment.
-  # start_step: DiT steps trained without frame conditioning first (0: conditioned from the start).
+  # start_step: DiT steps trained without frame conditioning first (0: conditioned from the start). Given
+  # frames from the start keep the caption from steering direction (0.22-0.25 of held-out prompts, chance
+  # 0.25); from halfway of 2,000 steps it is followed on 0.35 and 0.375 (two seeds), and image-to-video
+  # continues the given clip's direction more often (experiments/tiny_t2v/README.md, runs D9-D19).
   c.cond = dict(mask_ratios=dict(none=0.5, first=0.1, last=0.05, first_last=0.05, prefix=0.15, suffix=0.05,
-                                 random=0.1), start_step=0)
+                                 random=0.1), start_step=arg.dit_steps // 2)
+  # 128 held-out prompts: one standard error of an accuracy near 0.3 is 0.04 (0.08 at 32), about 10 s more.
   c.sample = dict(
-      steps=25, solver="euler", guidance=4.0, num_heldout_prompts=32, prompts_file="", batch_size=16,
+      steps=25, solver="euler", guidance=4.0, num_heldout_prompts=128, prompts_file="", batch_size=16,
       use_ema=True, guidance_image=1.0, guidance_interval=(0.0, 1.0), negative_prompt="")
   c.eval = dict(num_vae_clips=32, val_samples=64, val_timesteps=(0.1, 0.3, 0.5, 0.7, 0.9), fvd_clips=0)
 
@@ -89,6 +101,24 @@ def get_config(arg=None):
     c.text.update(width=32, depth=1, num_heads=2)
     c.dit.update(width=48, depth=2, num_heads=2)
     c.train_dit.update(steps=4, batch_size=2, log_every=2, ckpt_every=4, warmup_steps=1)
+    c.cond.start_step = 2
     c.sample.update(steps=2, num_heldout_prompts=4, batch_size=4)
     c.eval.num_vae_clips = 4
+  return c
+
+
+def use_cross_attention(c):
+  """Text for long, real captions: every DiT block cross-attends to the caption's token states, and adaLN
+  gets their mean. Summed word embeddings (the demo's path) lose word order and grow with caption length."""
+  c.text.pool = "mean"
+  c.dit.cross_attention = True
+  return c
+
+
+def use_large_model_schedule(c):
+  """Undo the demo's small-model schedule choices for big DiTs on real data: no absolute position embedding
+  (RoPE only), the resolution shift's usual base, and frame conditioning from the first step."""
+  c.dit.abs_pos = False
+  c.flow.shift_base_tokens = 80
+  c.cond.start_step = 0
   return c

@@ -165,7 +165,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.text.get("pool", "mean") not in ("mean", "words", "words_sum"):
     _fail("text.pool", config.text.pool, "must be 'mean', 'words' or 'words_sum'")
   if config.text.get("pool", "mean") != "mean" and config.text.encoder != "trainable":
-    _fail("text.pool", config.text.pool, f"bag-of-words pooling needs text.encoder='trainable', not {config.text.encoder!r}")
+    _fail("text.pool", config.text.pool, f"bag-of-words pooling needs text.encoder='trainable', not "
+          f"{config.text.encoder!r} (use text.pool='mean')")
   from sora_jax.models import rope as rope_lib  # noqa: PLC0415 (keeps config parsing import-light)
   if dit.get("abs_pos_kind", "axes") not in rope_lib.ABS_POS_KINDS:
     *rest, last = [repr(k) for k in rope_lib.ABS_POS_KINDS]

@@ -68,3 +68,18 @@ def test_bad_field_is_named(field, value, message):
   with pytest.raises(configs_lib.ConfigError, match=message) as e:
     configs_lib.validate(config)
   assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["folder_t2v", "dit_wan1p3b"])
+def test_configs_for_real_captions_cross_attend_to_them(name):
+  # The demo feeds summed word embeddings through adaLN only; a config for real captions must not inherit
+  # that (it drops word order and grows with caption length).
+  c = _load(os.path.join(ROOT, "configs", f"{name}.py")).get_config(None)
+  assert c.dit.cross_attention and c.text.pool == "mean"
+  assert not tiny_t2v.get_config(None).dit.cross_attention
+
+
+def test_demo_frame_conditioning_starts_halfway_through_its_dit_steps():
+  assert tiny_t2v.get_config("dit_steps=3000").cond.start_step == 1500
+  for name in ("dit_wan1p3b", "dit_image", "dit_class_video"):
+    assert _load(os.path.join(ROOT, "configs", f"{name}.py")).get_config(None).cond.start_step == 0

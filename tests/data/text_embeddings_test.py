@@ -27,7 +27,7 @@ _spec.loader.exec_module(encode_text)
 
 
 def _config():
-  c = tiny_t2v.get_config("runlocal")
+  c = tiny_t2v.use_cross_attention(tiny_t2v.get_config("runlocal"))
   c.compilation_cache = ""
   c.mode = "train_dit"
   c.text.update(encoder="minilm", tokenizer="minilm", width=384, max_len=16)
