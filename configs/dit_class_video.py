@@ -28,7 +28,7 @@ def get_config(arg=None):
   c.vae.update(channel_mults=(1, 2, 4, 4), temporal_downsample=(True, True, False), latent_channels=4,
                patch_size=1, spatial_downsample=None)
   c.train_vae.update(sizes=[size, (1, arg.res, arg.res)], size_weights=[0.8, 0.2])
-  tiny_t2v.use_large_model_schedule(c)
+  tiny_t2v.use_standard_schedule(c)
   c.dit.update(width=v["width"], depth=v["depth"], num_heads=v["num_heads"], mlp_ratio=4.0,
                patch_size=(1, v["patch"], v["patch"]), qk_norm=True, rope_theta=10000.0)
   tokens = (1 + (arg.frames - 1) // 4) * (arg.res // 8 // v["patch"]) ** 2

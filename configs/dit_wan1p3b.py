@@ -32,7 +32,7 @@ def get_config(arg=None):
   c.vae.update(channel_mults=(1, 2, 4, 4), temporal_downsample=(True, True, False), latent_channels=16,
                patch_size=1, spatial_downsample=None)
   tiny_t2v.use_cross_attention(c)
-  tiny_t2v.use_large_model_schedule(c)
+  tiny_t2v.use_standard_schedule(c)
   c.text.update(width=4096, depth=0, num_heads=32, max_len=512)
   c.dit.update(width=arg.width, depth=arg.depth, num_heads=arg.heads, mlp_ratio=arg.mlp / arg.width,
                patch_size=(1, 2, 2), scan_layers=True, remat=arg.remat, dtype="bfloat16", qk_norm=True,

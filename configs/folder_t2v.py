@@ -23,12 +23,13 @@ from sora_jax import configs_lib
 
 
 def _tiny_config(arg):
-  # The model and schedule defaults are tiny_t2v's, with the text path for real captions (cross-attention
-  # to every caption token); this file otherwise only swaps the data side.
+  # The model defaults are tiny_t2v's, with the text path for real captions (cross-attention to every
+  # caption token) and the standard schedule (the demo's is tuned to its synthetic clips); this file
+  # otherwise only swaps the data side.
   spec = importlib.util.spec_from_file_location("tiny_t2v", os.path.join(os.path.dirname(__file__), "tiny_t2v.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.use_cross_attention(module.get_config(arg))
+  return module.use_standard_schedule(module.use_cross_attention(module.get_config(arg)))
 
 
 def get_config(arg=None):

@@ -4,8 +4,11 @@ The caption and its text encoder are replaced by a class label (the sample's dir
 to the timestep embedding, as in the class-conditional DiT. If the DiT cannot follow this clean label, the
 text path is not what keeps the demo from following directions (experiments/tiny_t2v/README.md, run R):
 
-  python -m sora_jax.main --config=configs/tiny_direction_class.py:variable=False --workdir=/tmp/dir_class \
-      --mode=all --config.dit.abs_pos=True --config.flow.shift_base_tokens=9
+  python -m sora_jax.main --config=configs/tiny_direction_class.py:variable=False,dit_steps=1000 \
+      --workdir=/tmp/dir_class --mode=all --config.cond.start_step=0
+
+(run R's setting: absolute positions and shift base 9 are tiny_t2v's defaults since 2026-12-01, and the
+last two flags undo the demo's later 2,000 steps and frame conditioning from halfway).
 
 Prompt adherence then scores only `direction` meaningfully; the other attributes are not conditioned.
 Takes the same arguments as configs/tiny_t2v.py.

@@ -198,8 +198,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("train_dit.ema_decay", config.train_dit.ema_decay, "must be in [0, 1)")
   if not 0.0 <= config.train_dit.caption_dropout <= 1.0:
     _fail("train_dit.caption_dropout", config.train_dit.caption_dropout, "must be in [0, 1]")
-  if (config.get("cond") or {}).get("start_step", 0) < 0:
+  cond = config.get("cond") or {}
+  if cond.get("start_step", 0) < 0:
     _fail("cond.start_step", config.cond.start_step, "must be non-negative")
+  conditioned = any(w > 0 for k, w in dict(cond.get("mask_ratios") or {}).items() if k != "none")
+  if conditioned and 0 < cond.get("start_step", 0) >= config.train_dit.steps > 0:
+    _fail("cond.start_step", config.cond.start_step,
+          f"not before train_dit.steps={config.train_dit.steps}, so frame conditioning would never be trained "
+          "(lower it, or set cond.mask_ratios to none only)")
   if not 0.0 <= config.train_dit.get("token_drop_rate", 0.0) < 1.0:
     _fail("train_dit.token_drop_rate", config.train_dit.token_drop_rate, "must be in [0, 1)")
   if config.train_dit.max_segments < 1:

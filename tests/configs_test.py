@@ -47,6 +47,7 @@ def test_parse_arg_types_and_errors():
     ("dit.rope_theta", 1.0, r"config.dit.rope_theta=1.0: must be > 1"),
     ("text.pool", "max", r"config.text.pool='max': must be 'mean', 'words' or 'words_sum'"),
     ("cond.start_step", -1, r"config.cond.start_step=-1: must be non-negative"),
+    ("cond.start_step", 2000, r"config.cond.start_step=2000: not before train_dit.steps=2000"),
     ("dit.abs_pos_kind", "diagonal", r"config.dit.abs_pos_kind=.diagonal.: must be .axes., .oblique. or .fractional."),
     ("text.tokenizer", "bpe", r"config.text.tokenizer=.bpe.: choose one of \(.bytes., .words."),
     ("data.sizes", [(8, 32, 32)], r"frames must be 1 \+ 2\*k"),
@@ -81,5 +82,12 @@ def test_configs_for_real_captions_cross_attend_to_them(name):
 
 def test_demo_frame_conditioning_starts_halfway_through_its_dit_steps():
   assert tiny_t2v.get_config("dit_steps=3000").cond.start_step == 1500
+  # It follows a later override of the step count (as --config.train_dit.steps=500 does) unless set itself.
+  c = tiny_t2v.get_config(None)
+  c.train_dit.steps = 500
+  assert c.cond.start_step == 250
+  c.cond.start_step = 100
+  c.train_dit.steps = 800
+  assert c.cond.start_step == 100
   for name in ("dit_wan1p3b", "dit_image", "dit_class_video"):
     assert _load(os.path.join(ROOT, "configs", f"{name}.py")).get_config(None).cond.start_step == 0

@@ -108,7 +108,7 @@ def make_config(*, width=384, heads=6, layers=12, mlp=1536, channels=16, latent=
   """
   from configs import tiny_t2v  # pylint: disable=g-import-not-at-top
   # The peer's layout: cross-attention to the text states, RoPE only.
-  c = tiny_t2v.use_large_model_schedule(tiny_t2v.use_cross_attention(tiny_t2v.get_config()))
+  c = tiny_t2v.use_standard_schedule(tiny_t2v.use_cross_attention(tiny_t2v.get_config()))
   c.compilation_cache = ""
   c.attention = attention
   c.vae.latent_channels = channels

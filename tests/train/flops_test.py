@@ -51,7 +51,7 @@ def test_analytic_forward_flops_match_xla(class_conditional):
     config = dit_image.get_config("runlocal")
   else:
     # The cross-attention path, and no absolute position embedding (element-wise work XLA counts).
-    config = tiny_t2v.use_large_model_schedule(tiny_t2v.use_cross_attention(tiny_t2v.get_config("runlocal")))
+    config = tiny_t2v.use_standard_schedule(tiny_t2v.use_cross_attention(tiny_t2v.get_config("runlocal")))
     config.text.update(width=64, depth=1, num_heads=2)
   config.attention = "xla"
   config.dit.update(width=128, depth=2, num_heads=2, scan_layers=False)
