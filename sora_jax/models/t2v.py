@@ -18,6 +18,16 @@ def is_class_conditional(config) -> bool:
   return config.text.encoder == "class"
 
 
+def text_states_used(config) -> bool:
+  """Whether the DiT reads the text encoder's per-token states: through cross-attention, or pooled from them.
+  With bag-of-words pooling (`text.pool='words'/'words_sum'`) of the trainable encoder and no cross-attention
+  only the word embeddings reach the DiT, and XLA drops the encoder's layers as dead code."""
+  if is_class_conditional(config):
+    return False
+  pooled_from_states = config.text.encoder != "trainable" or config.text.get("pool", "mean") == "mean"
+  return bool(config.dit.get("cross_attention", True)) or pooled_from_states
+
+
 class TextToVideo(nnx.Module):
 
   def __init__(self, config, *, patch_dim: int, rngs: nnx.Rngs):

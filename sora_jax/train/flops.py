@@ -55,7 +55,7 @@ def forward_flops_per_row(config, *, video_attn_len: float | None = None, text_a
   # Per segment: timestep MLP, pooled-text projection, adaLN of every block and of the final layer.
   fwd += 2 * segments * (TIMESTEP_FEATURES * w + w * w + (0 if class_cond else t.width * w)
                          + d.depth * 6 * w * w + 2 * w * w)
-  if not class_cond:
+  if t2v.text_states_used(config):
     fwd += t.depth * _layer_forward(t.width, 4 * t.width, Lt, text_attn_len)
   return fwd
 

@@ -44,10 +44,15 @@ def test_count_tool_last_line_is_json():
   assert out["params"] == pytest.approx(33e6, rel=0.015) and out["forward_gflops"] == pytest.approx(6.06, rel=0.005)
 
 
-@pytest.mark.parametrize("class_conditional", [False, True])
-def test_analytic_forward_flops_match_xla(class_conditional):
+@pytest.mark.parametrize("variant", ["cross_attention", "class", "demo"])
+def test_analytic_forward_flops_match_xla(variant):
   """Unrolled layers (a scanned body would be costed once); XLA also counts element-wise ops."""
-  if class_conditional:
+  if variant == "demo":
+    # Summed word embeddings, no cross-attention: the text encoder's layers are dead code, counted by neither.
+    config = tiny_t2v.use_standard_schedule(tiny_t2v.get_config("runlocal"))
+    config.dit.cross_attention = False
+    config.text.update(width=64, depth=1, num_heads=2)
+  elif variant == "class":
     config = dit_image.get_config("runlocal")
   else:
     # The cross-attention path, and no absolute position embedding (element-wise work XLA counts).
