@@ -202,7 +202,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if cond.get("start_step", 0) < 0:
     _fail("cond.start_step", config.cond.start_step, "must be non-negative")
   conditioned = any(w > 0 for k, w in dict(cond.get("mask_ratios") or {}).items() if k != "none")
-  if conditioned and 0 < cond.get("start_step", 0) >= config.train_dit.steps > 0:
+  if conditioned and 0 < config.train_dit.steps <= cond.get("start_step", 0):
     _fail("cond.start_step", config.cond.start_step,
           f"not before train_dit.steps={config.train_dit.steps}, so frame conditioning would never be trained "
           "(lower it, or set cond.mask_ratios to none only)")
