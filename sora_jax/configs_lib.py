@@ -108,6 +108,17 @@ def _validate_mixture(config) -> None:
           f"mode {config.mode!r} needs pixels: add a synthetic, folder or tfds part")
 
 
+def _validate_clip_spec(config) -> None:
+  """How clips are cut from files (config.data and each mixture part): sampling, stride/fps, crop."""
+  from sora_jax.data import sources  # noqa: PLC0415
+  datas = [config.data] + [{**config.data, **p} for p in (config.data.get("mixture") or [])]
+  for data in datas:
+    try:
+      sources.ClipSpec.from_config(data)
+    except (TypeError, ValueError) as e:
+      raise ConfigError(str(e).split("\n")[0]) from None
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks a resolved config before anything compiles; raises ConfigError naming the field."""
   if config.get("mode") is not None and config.mode not in MODES:
@@ -151,6 +162,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _fail("train_dit.seq_len", config.train_dit.seq_len,
             f"shorter than the {tokens} tokens of data.sizes[{i}]={(t, h, w)}")
   _validate_mixture(config)
+  _validate_clip_spec(config)
   # DiT.
   dit = config.dit
   for f in ("dit.width", "dit.depth", "dit.num_heads", "dit.mlp_ratio"):

@@ -46,7 +46,8 @@ KINDS = ("synthetic", "folder", "tfds")
 # Kinds a `config.data.mixture` part may name: the pixel kinds plus latent caches (DiT input only).
 MIXTURE_KINDS = KINDS + ("latents",)
 # Fields of a mixture part beyond source/path/weight/name: they override config.data for that part.
-PART_FIELDS = ("clip_sampling", "frame_stride", "fps", "max_skip_fraction", "size_policy", "res")
+PART_FIELDS = ("clip_sampling", "frame_stride", "fps", "max_skip_fraction", "size_policy", "res", "crop",
+               "crop_scale")
 # Seed offset between mixture parts (other offsets: 7919 between VAE sizes).
 _PART_SEED = 104729
 CAPTION_FILES = ("captions.csv", "captions.jsonl")
@@ -298,18 +299,27 @@ class SkipCounter:
 
 @dataclasses.dataclass
 class ClipSpec:
-  """How a clip is cut from a video: 'random' (default), 'start' or 'center'; a frame stride or a target fps."""
+  """How a clip is cut from a video: in time, 'random' (default), 'start' or 'center' with a frame stride or a
+  target fps; in space, 'center' (resize to cover, center crop) or 'random' (`video_io.random_crop`: a random
+  window whose side is a log-uniform fraction in `crop_scale` of the largest one, never upsampled)."""
   sampling: str = "random"
   frame_stride: int = 1
   fps: float = 0.0  # > 0: resample to this rate instead of using frame_stride
+  crop: str = "center"
+  crop_scale: tuple[float, float] = (0.1, 1.0)
 
   @classmethod
   def from_config(cls, data) -> "ClipSpec":
-    spec = cls(data.get("clip_sampling", "random"), int(data.get("frame_stride", 1)), float(data.get("fps", 0.0)))
+    spec = cls(data.get("clip_sampling", "random"), int(data.get("frame_stride", 1)), float(data.get("fps", 0.0)),
+               data.get("crop", "center"), tuple(float(x) for x in data.get("crop_scale", (0.1, 1.0))))
     if spec.sampling not in ("random", "start", "center"):
       raise ValueError(f"config.data.clip_sampling={spec.sampling!r}: choose 'random', 'start' or 'center'")
     if spec.frame_stride < 1 or spec.fps < 0:
       raise ValueError(f"config.data.frame_stride={spec.frame_stride} / fps={spec.fps}: need stride >= 1, fps >= 0")
+    if spec.crop not in ("center", "random"):
+      raise ValueError(f"config.data.crop={spec.crop!r}: choose 'center' or 'random'")
+    if len(spec.crop_scale) != 2 or not 0 < spec.crop_scale[0] <= spec.crop_scale[1] <= 1:
+      raise ValueError(f"config.data.crop_scale={spec.crop_scale}: need (lo, hi) with 0 < lo <= hi <= 1")
     return spec
 
 
@@ -351,6 +361,9 @@ class DecodeClip:
     if "data" not in record and os.path.getsize(src) == 0:
       raise SkipSample("empty file: 0 bytes")
     info, start, (t, h, w), step = self.plan(src, rng)
+    if self.clip.crop == "random":
+      frames = video_io.read_clip(src, start=start, num_frames=t, step=step, info=info)
+      return video_io.random_crop(frames, h, w, self.clip.crop_scale, rng)
     return video_io.read_clip(src, start=start, num_frames=t, step=step, size=(h, w), info=info)
 
   def plan(self, src: video_io.Media, rng: np.random.Generator):
@@ -375,7 +388,10 @@ class DecodeClip:
     if 1 + (len(frames) - 1) // step < t:
       raise SkipSample(f"too short: {len(frames)} frames at step {step}, {t} requested")
     start = self._start(len(frames) - (t - 1) * step, rng)
-    return video_io.resize_crop(np.asarray(frames[start:start + (t - 1) * step + 1:step], np.uint8), h, w)
+    clip = np.asarray(frames[start:start + (t - 1) * step + 1:step], np.uint8)
+    if self.clip.crop == "random":
+      return video_io.random_crop(clip, h, w, self.clip.crop_scale, rng)
+    return video_io.resize_crop(clip, h, w)
 
 
 def decoder(config, policy: SizePolicy | None = None, *, seed: int, num_records: int,

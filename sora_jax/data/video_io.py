@@ -144,6 +144,28 @@ def resize_crop(frames: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
   return np.ascontiguousarray(center_crop(frames, out_h, out_w))
 
 
+def random_crop(frames: np.ndarray, out_h: int, out_w: int, scale: tuple[float, float],
+                rng: np.random.Generator) -> np.ndarray:
+  """uint8 [T, H, W, 3] -> [T, out_h, out_w, 3]: one random window for all frames, resized to the output.
+
+  The window has the output's aspect ratio; its side is a fraction of the largest such window that fits,
+  drawn log-uniformly from `scale = (lo, hi)` (0 < lo <= hi <= 1) but never below the output size, so crops
+  range from near-native detail to the whole (cover-cropped) frame and nothing is upsampled when the
+  source is large enough. The position is uniform.
+  """
+  h, w = frames.shape[1:3]
+  fit = min(h / out_h, w / out_w)  # largest window: (out_h, out_w) * fit
+  lo = min(1.0, max(float(scale[0]), 1.0 / fit))
+  hi = min(1.0, max(float(scale[1]), lo))
+  side = fit * float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+  ch, cw = min(h, max(1, round(out_h * side))), min(w, max(1, round(out_w * side)))
+  top, left = int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1))
+  window = frames[:, top:top + ch, left:left + cw]
+  if (ch, cw) != (out_h, out_w):
+    window = np.stack([np.asarray(Image.fromarray(f).resize((out_w, out_h), Image.BILINEAR)) for f in window])
+  return np.ascontiguousarray(window)
+
+
 def read_image(src: Media) -> np.ndarray:
   """Decodes an image file to uint8 [1, H, W, 3] (an image is a 1-frame video)."""
   with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as im:

@@ -43,6 +43,78 @@ class TestReadClip:
       video_io.read_clip(path, start=0, num_frames=9, info=video_io.VideoInfo(20, 8.0, 24, 40))
 
 
+class TestRandomCrop:
+
+  def _frames(self, t=3, h=64, w=96):
+    # Distinct values everywhere, different per frame, so a window's position can be read back.
+    base = np.arange(h * w * 3, dtype=np.int64).reshape(1, h, w, 3) % 251
+    return ((base + 7 * np.arange(t)[:, None, None, None]) % 256).astype(np.uint8)
+
+  def _position(self, frames, out):
+    """(top, left) of the unresized window of frames equal to out, or None."""
+    oh, ow = out.shape[1:3]
+    for top in range(frames.shape[1] - oh + 1):
+      for left in range(frames.shape[2] - ow + 1):
+        if np.array_equal(frames[:, top:top + oh, left:left + ow], out):
+          return top, left
+    return None
+
+  def test_native_scale_window_is_an_exact_crop_at_a_random_position(self):
+    frames = self._frames()
+    positions = set()
+    for seed in range(8):
+      # scale 0.01 asks for a window smaller than the output: it is clamped to the output size (no upsampling),
+      # so the result is a plain sub-array, the same window in every frame.
+      out = video_io.random_crop(frames, 16, 16, (0.01, 0.01), np.random.default_rng(seed))
+      assert out.shape == (3, 16, 16, 3)
+      pos = self._position(frames, out)
+      assert pos is not None
+      positions.add(pos)
+    assert len(positions) >= 6  # uniform positions, not the center
+
+  def test_deterministic_by_rng_and_scale_range_is_used(self):
+    frames = self._frames()
+    a = video_io.random_crop(frames, 16, 16, (0.1, 1.0), np.random.default_rng(3))
+    b = video_io.random_crop(frames, 16, 16, (0.1, 1.0), np.random.default_rng(3))
+    np.testing.assert_array_equal(a, b)
+    # The whole largest window (scale 1): a 64x64 square of the 64x96 frame, resized to 16x16.
+    full = video_io.random_crop(frames, 16, 16, (1.0, 1.0), np.random.default_rng(0))
+    assert full.shape == (3, 16, 16, 3) and self._position(frames, full) is None
+    squares = [video_io.resize_crop(frames[:, :, left:left + 64], 16, 16) for left in range(33)]
+    assert any(np.array_equal(full, s) for s in squares)
+
+  def test_keeps_the_output_aspect_and_upsamples_only_small_sources(self):
+    frames = self._frames(h=8, w=40)
+    out = video_io.random_crop(frames, 16, 32, (0.1, 1.0), np.random.default_rng(0))
+    assert out.shape == (3, 16, 32, 3)
+
+  def test_decoder_crops_randomly_from_config(self, tmp_path):
+    path = os.path.join(str(tmp_path), "v.mp4")
+    video_io.write_mp4(path, folder_fixture.video(12, height=48, width=64))
+    record = {"path": path, "caption": "c", "index": 0, "error": ""}
+    clips = {}
+    for crop in ("center", "random"):
+      spec = sources.ClipSpec.from_config({"clip_sampling": "start", "crop": crop, "crop_scale": (0.1, 0.5)})
+      dec = sources.DecodeClip(sources.fixed_size((5, 16, 16)), spec, seed=0, num_records=1, max_skip_fraction=0)
+      clips[crop] = [dec(i, record)["video"] for i in range(4)]
+    assert all(c.shape == (5, 16, 16, 3) for c in clips["random"])
+    assert all(np.array_equal(c, clips["center"][0]) for c in clips["center"])
+    assert len({c.tobytes() for c in clips["random"]}) == 4  # a new window per index, the same on a rerun
+    dec = sources.DecodeClip(sources.fixed_size((5, 16, 16)), spec, seed=0, num_records=1, max_skip_fraction=0)
+    np.testing.assert_array_equal(dec(2, record)["video"], clips["random"][2])
+
+  @pytest.mark.parametrize("field,value,match", [
+      ("crop", "corner", r"config.data.crop='corner': choose 'center' or 'random'"),
+      ("crop_scale", (0.5, 0.2), r"config.data.crop_scale=\(0.5, 0.2\): need \(lo, hi\)"),
+      ("crop_scale", (0.0, 1.0), r"config.data.crop_scale=\(0.0, 1.0\)"),
+  ])
+  def test_bad_crop_fields_fail_validation_in_one_line(self, field, value, match):
+    c = folder_fixture.config("runlocal,path=/nonexistent")
+    c.data[field] = value
+    with pytest.raises(configs_lib.ConfigError, match=match):
+      configs_lib.validate(c)
+
+
 class TestSizePolicy:
 
   def test_buckets_prefer_length_then_aspect(self):
