@@ -19,21 +19,27 @@ from flax import nnx
 from sora_jax.models import vae as vae_lib
 
 
+def _dhwio(kernel):
+  """The stored kernel [kh, kw, kt, cin, cout] in XLA's 3D layout [kt, kh, kw, cin, cout]."""
+  return jnp.transpose(kernel, (2, 0, 1, 3, 4))
+
+
 def _pad(x, kernel):
   """Spatial 'same' padding; time arrives already causally padded (vae.CausalConv3d does it)."""
-  kh, kw = kernel.shape[1:3]
+  kh, kw = kernel.shape[:2]
   return jnp.pad(x, ((0, 0), (0, 0), ((kh - 1) // 2,) * 2, ((kw - 1) // 2,) * 2, (0, 0)))
 
 
 def conv3d_xla(x, kernel, strides=(1, 1, 1)):
   """XLA's 3D convolution."""
-  return jax.lax.conv_general_dilated(_pad(x, kernel), kernel.astype(x.dtype), tuple(strides), "VALID",
+  return jax.lax.conv_general_dilated(_pad(x, kernel), _dhwio(kernel).astype(x.dtype), tuple(strides), "VALID",
                                       dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
 
 
 def im2col(x, kernel, strides=(1, 1, 1)):
   """All kt*kh*kw taps as shifted views concatenated on channels, then one matmul."""
-  kt, kh, kw, cin, cout = kernel.shape
+  k3 = _dhwio(kernel)
+  kt, kh, kw, cin, cout = k3.shape
   st, sh, sw = strides
   xp = _pad(x, kernel)
   _, tp, hp, wp, _ = xp.shape
@@ -41,19 +47,20 @@ def im2col(x, kernel, strides=(1, 1, 1)):
   taps = [xp[:, i:i + st * (to - 1) + 1:st, j:j + sh * (ho - 1) + 1:sh, k:k + sw * (wo - 1) + 1:sw]
           for i in range(kt) for j in range(kh) for k in range(kw)]
   cols = jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]
-  return cols @ kernel.reshape(kt * kh * kw * cin, cout).astype(x.dtype)
+  return cols @ k3.reshape(kt * kh * kw * cin, cout).astype(x.dtype)
 
 
 def im2col_hw(x, kernel, strides=(1, 1, 1)):
   """Spatial taps concatenated (kh*kw*cin), a matmul per time tap, summed."""
-  kt, kh, kw, cin, cout = kernel.shape
+  k3 = _dhwio(kernel)
+  kt, kh, kw, cin, cout = k3.shape
   st, sh, sw = strides
   xp = _pad(x, kernel)
   _, tp, hp, wp, _ = xp.shape
   to, ho, wo = (tp - kt) // st + 1, (hp - kh) // sh + 1, (wp - kw) // sw + 1
   cols = jnp.concatenate([xp[:, :, j:j + sh * (ho - 1) + 1:sh, k:k + sw * (wo - 1) + 1:sw]
                           for j in range(kh) for k in range(kw)], axis=-1)
-  k2 = kernel.reshape(kt, kh * kw * cin, cout).astype(x.dtype)
+  k2 = k3.reshape(kt, kh * kw * cin, cout).astype(x.dtype)
   return sum(cols[:, i:i + st * (to - 1) + 1:st] @ k2[i] for i in range(kt))
 
 

@@ -93,15 +93,15 @@ def check_config(vae_cfg, expected: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ weights
-# Kinds: how a diffusers tensor maps to ours. conv3d: [O, I, kt, kh, kw] <-> [kt, kh, kw, I, O];
-# conv2d: [O, I, kh, kw] <-> [1, kh, kw, I, O]; dense (1x1 Conv2d): [O, I, 1, 1] <-> [I, O];
+# Kinds: how a diffusers tensor maps to ours. conv3d: [O, I, kt, kh, kw] <-> [kh, kw, kt, I, O];
+# conv2d: [O, I, kh, kw] <-> [kh, kw, 1, I, O]; dense (1x1 Conv2d): [O, I, 1, 1] <-> [I, O];
 # gamma3d / gamma2d: [C, 1, 1(, 1)] <-> [C]; bias: [C] <-> [C].
 def _torch_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
   if kind == "conv3d":
-    kt, kh, kw, i, o = shape
+    kh, kw, kt, i, o = shape
     return (o, i, kt, kh, kw)
   if kind == "conv2d":
-    _, kh, kw, i, o = shape
+    kh, kw, _, i, o = shape
     return (o, i, kh, kw)
   if kind == "dense":
     i, o = shape
@@ -110,10 +110,10 @@ def _torch_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _to_ours(kind: str, w: np.ndarray) -> np.ndarray:
-  if kind == "conv3d":
-    return w.transpose(2, 3, 4, 1, 0)
-  if kind == "conv2d":
-    return w.transpose(2, 3, 1, 0)[None]
+  if kind == "conv3d":  # torch [o, i, kt, kh, kw] -> ours [kh, kw, kt, i, o]
+    return w.transpose(3, 4, 2, 1, 0)
+  if kind == "conv2d":  # torch [o, i, kh, kw] -> ours [kh, kw, 1, i, o]
+    return w.transpose(2, 3, 1, 0)[:, :, None]
   if kind == "dense":
     return w[:, :, 0, 0].T
   return w.reshape(-1)
@@ -121,9 +121,9 @@ def _to_ours(kind: str, w: np.ndarray) -> np.ndarray:
 
 def _to_torch(kind: str, w: np.ndarray) -> np.ndarray:
   if kind == "conv3d":
-    return w.transpose(4, 3, 0, 1, 2)
+    return w.transpose(4, 3, 2, 0, 1)
   if kind == "conv2d":
-    return w[0].transpose(3, 2, 0, 1)
+    return w[:, :, 0].transpose(3, 2, 0, 1)
   if kind == "dense":
     return w.T[:, :, None, None]
   return w.reshape(_torch_shape(kind, w.shape))

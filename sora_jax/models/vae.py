@@ -29,7 +29,10 @@ from flax import nnx
 
 from sora_jax.models import layers
 
-CONV_KERNEL_AXES = ("conv_kt", "conv_kh", "conv_kw", "conv_in", "conv_out")
+# Conv kernels are stored [kh, kw, kt, cin, cout]: time taps next to the input channels, so folding them
+# into one 2D conv's input channels (`conv3d_time_valid`) is a free reshape, not a transposed copy of every
+# kernel (about 280 MB of XLA temporaries for Wan2.1's 127M-parameter VAE, experiments/vae/README.md).
+CONV_KERNEL_AXES = ("conv_kh", "conv_kw", "conv_kt", "conv_in", "conv_out")
 LOGVAR_RANGE = (-30.0, 20.0)
 
 
@@ -47,8 +50,8 @@ def _pad_time_causal(x: jax.Array, n: int, mode: str = "replicate") -> jax.Array
 
 
 def causal_conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1, 1)) -> jax.Array:
-  """Causal 3D convolution, kernel `[kt, kh, kw, cin, cout]`, spatial padding `(k-1)//2` on both sides."""
-  return conv3d_time_valid(_pad_time_causal(x, kernel.shape[0] - 1), kernel, strides)
+  """Causal 3D convolution, kernel `[kh, kw, kt, cin, cout]`, spatial padding `(k-1)//2` on both sides."""
+  return conv3d_time_valid(_pad_time_causal(x, kernel.shape[2] - 1), kernel, strides)
 
 
 def conv3d_time_valid(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1, 1),
@@ -65,7 +68,7 @@ def conv3d_time_valid(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = 
   activation copies cost more memory traffic than they save. It lowers to a standard 2D convolution on
   TPU and GPU too, so it is the only code path.
   """
-  kt, kh, kw, cin, cout = kernel.shape
+  kh, kw, kt, cin, cout = kernel.shape
   st, sh, sw = strides
   b, tp, h, w, c = x.shape
   if c != cin:
@@ -73,13 +76,13 @@ def conv3d_time_valid(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = 
   t_out = (tp - kt) // st + 1
   if kh == kw == 1 and sh == sw == 1 and spatial_pad is None:
     # Pointwise over space: a matmul per time tap is cheaper than a conv.
-    return sum(jnp.einsum("bthwc,cd->bthwd", x[:, i:i + st * (t_out - 1) + 1:st], kernel[i, 0, 0])
+    return sum(jnp.einsum("bthwc,cd->bthwd", x[:, i:i + st * (t_out - 1) + 1:st], kernel[0, 0, i])
                for i in range(kt))
   taps = [x[:, i:i + st * (t_out - 1) + 1:st] for i in range(kt)]
   x = jnp.concatenate(taps, axis=-1) if kt > 1 else taps[0]
   x = x.reshape(b * t_out, h, w, kt * cin)
-  # Channel order of the folded input is (tap, cin), so the kernel folds the same way.
-  k2 = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kt * cin, cout)
+  # Channel order of the folded input is (tap, cin), the kernel's own order: the fold is a reshape.
+  k2 = kernel.reshape(kh, kw, kt * cin, cout)
   if spatial_pad is None:
     spatial_pad = (((kh - 1) // 2,) * 2, ((kw - 1) // 2,) * 2)
   y = jax.lax.conv_general_dilated(
@@ -124,8 +127,9 @@ class CausalConv3d(nnx.Module):
     # `in_axis` / `out_axis` are None for the pixel- and latent-facing sides (3 to 2*latent channels): too
     # small to shard, and usually not divisible by a mesh axis.
     init = nnx.initializers.zeros_init() if zero_init else nnx.initializers.lecun_normal()
+    kt, kh, kw = kernel_size
     self.kernel = nnx.Param(nnx.with_partitioning(init, (*CONV_KERNEL_AXES[:3], in_axis, out_axis))(
-        rngs.params(), (*kernel_size, in_channels, out_channels)))
+        rngs.params(), (kh, kw, kt, in_channels, out_channels)))
     self.bias = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros_init(), (out_axis,))(
         rngs.params(), (out_channels,)))
     self.strides = tuple(strides)
@@ -138,7 +142,7 @@ class CausalConv3d(nnx.Module):
     """`kernel` replaces the stored one (to differentiate a loss w.r.t. this layer's weights alone)."""
     x = x.astype(self.dtype)
     kernel = self.kernel[...] if kernel is None else kernel
-    n = kernel.shape[0] - 1
+    n = kernel.shape[2] - 1
     if cache is not None and n:
       x = cache.context(x, n, self.strides[0], self.pad_mode)
     else:

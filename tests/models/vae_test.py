@@ -81,7 +81,7 @@ def test_causal_conv3d_matches_lax_conv3d():
     ref = jax.lax.conv_general_dilated(
         padded, kernel, strides, [(0, 0), ((kh - 1) // 2,) * 2, ((kw - 1) // 2,) * 2],
         dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
-    got = vae_lib.causal_conv3d(x, kernel, strides)
+    got = vae_lib.causal_conv3d(x, jnp.transpose(kernel, (1, 2, 0, 3, 4)), strides)  # stored [kh, kw, kt, ...]
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4, err_msg=str((kernel_shape, strides)))
 
 
