@@ -9,6 +9,8 @@ time is the best of `--repeats` after one warm-up pass (JAX's compile excluded) 
 process's peak RSS during the timed passes (the high-water mark is reset after the warm-up, so XLA's
 compile does not count; `lifetime_peak_rss_mb` includes it). Ours encodes and decodes chunked (first frame alone, then one latent frame per chunk), as
 diffusers does. The ref venv needs torch (CPU) and diffusers; with `--ref_python=''` only ours runs.
+Ours also reports XLA's compiled memory analysis (`xla_argument_mb`, `xla_temp_mb`); `--memory_analysis`
+reports only that, compiling without running (a minute instead of several).
 Last line: one JSON object with `time_ratio` and `peak_memory_ratio` (ours / peer, at the first size).
 """
 import argparse
@@ -69,7 +71,12 @@ def run_ours(args, t, h, w) -> dict:
     return m.decode(mean, chunk=chunk)
 
   x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, t, h, w, 3)).astype(np.float32))
-  return _time(lambda: jax.block_until_ready(encode_decode(state, x)), args.repeats)
+  compiled = encode_decode.lower(state, x).compile()
+  ma = compiled.memory_analysis()
+  memory = {"xla_argument_mb": ma.argument_size_in_bytes / 2**20, "xla_temp_mb": ma.temp_size_in_bytes / 2**20}
+  if args.memory_analysis:
+    return memory
+  return {**_time(lambda: jax.block_until_ready(compiled(state, x)), args.repeats), **memory}
 
 
 def run_peer(args, t, h, w) -> dict:
@@ -96,6 +103,8 @@ def main():
   p.add_argument("--chunk", type=int, default=1, help="latent frames per chunk (0: full pass)")
   p.add_argument("--ref_python", default="/tmp/refvenv/bin/python")
   p.add_argument("--worker", default="", help="internal: ours|peer:TxHxW")
+  p.add_argument("--memory_analysis", action="store_true",
+                 help="only compile ours and report XLA's memory analysis (arguments, temporaries) per size")
   args = p.parse_args()
 
   if args.worker:
@@ -105,10 +114,12 @@ def main():
     return
 
   common = ["--base", str(args.base), "--repeats", str(args.repeats), "--chunk", str(args.chunk)]
+  if args.memory_analysis:
+    common.append("--memory_analysis")
   results = {}
   for size in args.sizes.split(","):
     for impl, python in [("ours", sys.executable), ("peer", args.ref_python)]:
-      if not python:
+      if not python or (impl == "peer" and args.memory_analysis):
         continue
       env = dict(os.environ, JAX_PLATFORMS="cpu")
       out = subprocess.run([python, __file__, "--worker", f"{impl}:{size}", *common], env=env, check=True,

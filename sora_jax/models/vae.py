@@ -13,7 +13,7 @@ Causality: latent frame i depends only on pixel frames <= s_t*i; decoded frame j
 frame 0 alone and then k-latent-frame chunks in a scan that carries each conv's last input frames
 (`ConvCache`), with activation memory flat in T; `tile=` adds overlapping spatial tiles, blended.
 
-Weights carry logical axis names (`conv_kt, conv_kh, conv_kw, conv_in, conv_out`; the pixel- and
+Weights carry logical axis names (`conv_kh, conv_kw, conv_kt, conv_in, conv_out`; the pixel- and
 latent-facing channel axes are left unnamed, i.e. replicated). Flax 0.12 shards variables
 eagerly at creation, so build the model under `jax.set_mesh(mesh)` together with `nnx.logical_axis_rules(...)`
 mapping those names to mesh axes (or `None`), or under `nnx.use_eager_sharding(False)`.
