@@ -4,7 +4,8 @@ r"""Encode + decode time and peak memory: sora_jax's VAE vs diffusers `Autoencod
       --base=96 --sizes=17x128x128,33x128x128
 
 Both models: random weights, Wan2.1's shape (base `--base`, mults 1/2/4/4, 2 res blocks, time halved at the
-two deepest downsamples, 16 latent channels, 4x8x8). Each (implementation, size) runs in its own process;
+two deepest downsamples, 16 latent channels, 4x8x8); ours in `--layout=wan`, Wan2.1's exact blocks (the
+default), or `--layout=default`, sora_jax's own resampling blocks (about 25% more FLOPs). Each (implementation, size) runs in its own process;
 time is the best of `--repeats` after one warm-up pass (JAX's compile excluded) and `peak_rss_mb` is the
 process's peak RSS during the timed passes (the high-water mark is reset after the warm-up, so XLA's
 compile does not count; `lifetime_peak_rss_mb` includes it). Ours encodes and decodes chunked (first frame alone, then one latent frame per chunk), as
@@ -60,7 +61,7 @@ def run_ours(args, t, h, w) -> dict:
     model = nnx.jit(lambda: vae_lib.VAE(
         base_channels=args.base, channel_mults=(1, 2, 4, 4), num_res_blocks=2,
         temporal_downsample=(False, True, True), latent_channels=16, mid_attention=True, pad_mode="zeros",
-        rngs=nnx.Rngs(0)))()
+        layout=args.layout, rngs=nnx.Rngs(0)))()
   graphdef, state = nnx.split(model)
   chunk = args.chunk or None
 
@@ -101,6 +102,8 @@ def main():
   p.add_argument("--sizes", default="17x128x128,33x128x128")
   p.add_argument("--repeats", type=int, default=2)
   p.add_argument("--chunk", type=int, default=1, help="latent frames per chunk (0: full pass)")
+  p.add_argument("--layout", default="wan", choices=["wan", "default"],
+                 help="ours: 'wan' is Wan2.1's exact architecture (the peer's); 'default' is sora_jax's own")
   p.add_argument("--ref_python", default="/tmp/refvenv/bin/python")
   p.add_argument("--worker", default="", help="internal: ours|peer:TxHxW")
   p.add_argument("--memory_analysis", action="store_true",
@@ -113,7 +116,8 @@ def main():
     print(json.dumps((run_ours if impl == "ours" else run_peer)(args, t, h, w)))
     return
 
-  common = ["--base", str(args.base), "--repeats", str(args.repeats), "--chunk", str(args.chunk)]
+  common = ["--base", str(args.base), "--repeats", str(args.repeats), "--chunk", str(args.chunk),
+            "--layout", args.layout]
   if args.memory_analysis:
     common.append("--memory_analysis")
   results = {}
@@ -126,7 +130,7 @@ def main():
                            capture_output=True, text=True).stdout
       results[f"{impl}/{size}"] = json.loads(out.strip().splitlines()[-1])
       print(impl, size, results[f"{impl}/{size}"], flush=True)
-  summary = {"base": args.base, "chunk": args.chunk, "runs": results}
+  summary = {"base": args.base, "chunk": args.chunk, "layout": args.layout, "runs": results}
   for size in args.sizes.split(","):
     if f"peer/{size}" in results:
       ours, peer = results[f"ours/{size}"], results[f"peer/{size}"]
