@@ -65,11 +65,13 @@ def get_config(arg=None):
   # of six frequencies per axis turn noticeably over 4-5 positions) attention cannot become position-selective
   # in the demo's steps; no QK-norm and base 100 learn faster (experiments/tiny_t2v/README.md).
   # abs_pos: each token also knows where it is in its clip, so "moving left" can become "on the right early,
-  # on the left late" directly (RoPE alone only tells attention how far apart two tokens are).
+  # on the left late" directly (RoPE alone only tells attention how far apart two tokens are). 'fractional'
+  # gives that position as a fraction of the clip's extent, the same for every clip size of the mix: direction
+  # on held-out prompts 0.55 against 0.35 with per-axis token indices (run D21).
   c.dit = dict(
       width=arg.width, depth=arg.depth, num_heads=4, mlp_ratio=4.0, patch_size=(1, 2, 2), qk_norm=False,
       scan_layers=True, remat="none", rope_theta=100.0, gate_init=0.0, abs_pos=True,
-      abs_pos_kind="axes", temporal_attention=False, position_modulation=False, cross_attention=False,
+      abs_pos_kind="fractional", temporal_attention=False, position_modulation=False, cross_attention=False,
       cond_flag=False)
   c.flow = dict(
       t_sampling="logit_normal", logit_mean=0.0, logit_std=1.0,
