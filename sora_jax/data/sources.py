@@ -311,7 +311,7 @@ class ClipSpec:
   @classmethod
   def from_config(cls, data) -> "ClipSpec":
     spec = cls(data.get("clip_sampling", "random"), int(data.get("frame_stride", 1)), float(data.get("fps", 0.0)),
-               data.get("crop", "center"), tuple(float(x) for x in data.get("crop_scale", (0.1, 1.0))))
+               data.get("crop", cls.crop), tuple(float(x) for x in data.get("crop_scale", cls.crop_scale)))
     if spec.sampling not in ("random", "start", "center"):
       raise ValueError(f"config.data.clip_sampling={spec.sampling!r}: choose 'random', 'start' or 'center'")
     if spec.frame_stride < 1 or spec.fps < 0:

