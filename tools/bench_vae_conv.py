@@ -1,7 +1,7 @@
 r"""Side-by-side timing of causal-conv formulations inside the demo VAE's train step (fwd + bwd).
 
   JAX_PLATFORMS=cpu PYTHONPATH=. python tools/bench_vae_conv.py --base_channels=16 --batch=8 --repeats=5
-  JAX_PLATFORMS=cpu PYTHONPATH=. python tools/bench_vae_conv.py --candidates=fold_time_2d --patch_size=2
+  JAX_PLATFORMS=cpu PYTHONPATH=. python tools/bench_vae_conv.py --candidates=taps_per_frame --patch_size=2
 
 Each candidate replaces `vae.conv3d_time_valid` for the whole model; rounds interleave the candidates so machine
 noise hits all of them alike. Last line: one JSON object {candidate: median seconds per step, ...}.
@@ -64,12 +64,60 @@ def im2col_hw(x, kernel, strides=(1, 1, 1)):
   return sum(cols[:, i:i + st * (to - 1) + 1:st] @ k2[i] for i in range(kt))
 
 
+def fold_time_2d(x, kernel, strides=(1, 1, 1), spatial_pad=None):
+  """The kt time-shifted frame stacks concatenated on channels, one 2D conv over [B*T', H, W]."""
+  return _fold(x, kernel, strides, spatial_pad)
+
+
+def fold_per_frame(x, kernel, strides=(1, 1, 1), spatial_pad=None):
+  """`fold_time_2d` one output frame at a time (no kernel slices: the folded kernel is a reshape)."""
+  t_out = (x.shape[1] - kernel.shape[2]) // strides[0] + 1
+  return jnp.concatenate([_fold(x[:, j * strides[0]:j * strides[0] + kernel.shape[2]], kernel, strides, spatial_pad)
+                          for j in range(t_out)], axis=1)
+
+
+def _fold(x, kernel, strides, spatial_pad):
+  kh, kw, kt, cin, cout = kernel.shape
+  st, sh, sw = strides
+  b, tp, h, w, _ = x.shape
+  t_out = (tp - kt) // st + 1
+  xf = jnp.concatenate([x[:, i:i + st * (t_out - 1) + 1:st] for i in range(kt)], axis=-1)
+  if spatial_pad is None:
+    spatial_pad = (((kh - 1) // 2,) * 2, ((kw - 1) // 2,) * 2)
+  y = jax.lax.conv_general_dilated(xf.reshape(b * t_out, h, w, kt * cin), kernel.reshape(kh, kw, kt * cin, cout),
+                                   (sh, sw), [tuple(p) for p in spatial_pad],
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return y.reshape(b, t_out, *y.shape[1:])
+
+
+_TAPS = vae_lib.conv3d_time_valid  # candidates swap the module attribute; this keeps the original
+
+
+def taps_all_frames(x, kernel, strides=(1, 1, 1), spatial_pad=None):
+  """vae.py's formulation with every output frame in one call per tap (its accelerator grouping)."""
+  t_out = (x.shape[1] - kernel.shape[2]) // strides[0] + 1
+  return _TAPS(x, kernel, strides, spatial_pad, frames_per_call=t_out)
+
+
 CANDIDATES = {
-    "fold_time_2d": vae_lib.conv3d_time_valid,  # the formulation vae.py uses
+    "taps_per_frame": _TAPS,  # the formulation vae.py uses (on CPU: a frame per call)
+    "taps_all_frames": taps_all_frames,
+    "fold_time_2d": fold_time_2d,
+    "fold_per_frame": fold_per_frame,
     "xla_conv3d": conv3d_xla,
     "im2col": im2col,
     "im2col_hw": im2col_hw,
 }
+
+
+def _load_config(spec):
+  """`path.py[:arg]` -> that module's `get_config(arg)`, as the launcher's --config flag reads it."""
+  import importlib.util
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("bench_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
 
 
 def make_step(conv_fn, args, dtype):
@@ -78,7 +126,8 @@ def make_step(conv_fn, args, dtype):
   try:
     mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     with jax.set_mesh(mesh), nnx.use_eager_sharding(False):
-      model = nnx.jit(lambda: vae_lib.VAE(
+      model = nnx.jit(lambda: vae_lib.from_config(_load_config(args.config).vae, rngs=nnx.Rngs(0), dtype=dtype)
+                      if args.config else vae_lib.VAE(
           base_channels=args.base_channels, channel_mults=(1, 2, 4), num_res_blocks=1,
           temporal_downsample=(True, True), latent_channels=4, dtype=dtype,
           patch_size=args.patch_size,
@@ -99,13 +148,15 @@ def make_step(conv_fn, args, dtype):
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state
 
-    x = jax.random.uniform(jax.random.key(0), (args.batch, 9, args.res, args.res, 3), minval=-1, maxval=1)
+    x = jax.random.uniform(jax.random.key(0), (args.batch, args.frames, args.res, args.res, 3), minval=-1, maxval=1)
     rng = jax.random.key(1)
+    t0 = time.perf_counter()
     compiled = step.lower(params, opt_state, x, rng).compile()
+    compile_s = time.perf_counter() - t0
   finally:
     vae_lib.conv3d_time_valid = orig
   flops = compiled.cost_analysis().get("flops", float("nan"))
-  return compiled, (params, opt_state, x, rng), flops
+  return compiled, (params, opt_state, x, rng), flops, compile_s
 
 
 def main():
@@ -117,22 +168,26 @@ def main():
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--candidates", default=",".join(CANDIDATES))
   p.add_argument("--bf16", action="store_true")
+  p.add_argument("--config", default="", help="build the VAE of this config (path.py[:arg]) instead of the "
+                 "fixed one; --base_channels and --patch_size then do not apply")
+  p.add_argument("--frames", type=int, default=9)
   args = p.parse_args()
   dtype = jnp.bfloat16 if args.bf16 else jnp.float32
   runs = {}
   for name in args.candidates.split(","):
-    compiled, inputs, flops = make_step(CANDIDATES[name], args, dtype)
-    runs[name] = (compiled, inputs, flops, [])
+    compiled, inputs, flops, compile_s = make_step(CANDIDATES[name], args, dtype)
+    runs[name] = (compiled, inputs, flops, [], compile_s)
     jax.block_until_ready(compiled(*inputs))  # warm-up
   for _ in range(args.repeats):
-    for name, (compiled, inputs, _, times) in runs.items():
+    for name, (compiled, inputs, _, times, _) in runs.items():
       t0 = time.perf_counter()
       jax.block_until_ready(compiled(*inputs))
       times.append(time.perf_counter() - t0)
   result = {}
-  for name, (_, _, flops, times) in runs.items():
+  for name, (_, _, flops, times, compile_s) in runs.items():
     med = float(np.median(times))
-    result[name] = {"seconds": round(med, 4), "xla_gflops_per_s": round(flops / med / 1e9, 1)}
+    result[name] = {"seconds": round(med, 4), "xla_gflops_per_s": round(flops / med / 1e9, 1),
+                    "compile_seconds": round(compile_s, 1)}
     print(name, result[name], flush=True)
   print(json.dumps(result))
 

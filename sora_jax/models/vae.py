@@ -29,9 +29,8 @@ from flax import nnx
 
 from sora_jax.models import layers
 
-# Conv kernels are stored [kh, kw, kt, cin, cout]: time taps next to the input channels, so folding them
-# into one 2D conv's input channels (`conv3d_time_valid`) is a free reshape, not a transposed copy of every
-# kernel (about 280 MB of XLA temporaries for Wan2.1's 127M-parameter VAE, experiments/vae/README.md).
+# Conv kernels are stored [kh, kw, kt, cin, cout]: each time tap's slice `kernel[:, :, i]` is a 2D conv
+# kernel in XLA's HWIO layout.
 CONV_KERNEL_AXES = ("conv_kh", "conv_kw", "conv_kt", "conv_in", "conv_out")
 LOGVAR_RANGE = (-30.0, 20.0)
 
@@ -54,19 +53,33 @@ def causal_conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 
   return conv3d_time_valid(_pad_time_causal(x, kernel.shape[2] - 1), kernel, strides)
 
 
+def conv_frames_per_call(t_out: int) -> int:
+  """How many output frames one 2D convolution call computes: 1 on CPU, all of them elsewhere.
+
+  XLA:CPU's convolutions run fastest on one frame (times the batch) at a time: the per-call working set
+  stays in cache. Side by side on the 2-core CPU (experiments/vae/README.md, section 1) a conv over 4
+  frames at 128 x 128 x 96 runs at 120 GFLOP/s forward when all frames share one call and 215 one frame per
+  call; its backward 78 and 101, and 92 against 243 at 64 x 64 x 192. Accelerators prefer the largest call.
+  """
+  return 1 if jax.default_backend() == "cpu" else t_out
+
+
 def conv3d_time_valid(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1, 1),
-                      spatial_pad: Sequence[tuple[int, int]] | None = None) -> jax.Array:
+                      spatial_pad: Sequence[tuple[int, int]] | None = None,
+                      frames_per_call: int | None = None) -> jax.Array:
   """3D convolution with no time padding (the caller prepends causal context) and zero spatial padding.
 
   `spatial_pad` is `((top, bottom), (left, right))`; None pads `(k - 1) // 2` on both sides ('same' at
   stride 1). Wan2.1's downsampling convs pad only bottom and right: `((0, 1), (0, 1))`.
 
-  Formulated as one 2D convolution over `[B*T', H, W]` whose input channels are the `kt` time-shifted frame
-  stacks concatenated. Measured side by side on the 2-core CPU (tools/bench_vae_conv.py, fwd+bwd, demo
-  shapes) it beats XLA's 3D convolution by 4-6x and explicit im2col (all taps concatenated + one matmul)
-  by 2-4x: with 16-32 output channels the matmul is skinny however wide its input, and im2col's 27x
-  activation copies cost more memory traffic than they save. It lowers to a standard 2D convolution on
-  TPU and GPU too, so it is the only code path.
+  Formulated as 2D convolutions, one per time tap, summed: output frame `j` is
+  `sum_i conv2d(x[j * st + i], kernel[:, :, i])`. The output frames are computed `frames_per_call` at a
+  time (default `conv_frames_per_call`: one on CPU, all on TPU/GPU), each group one 2D conv per tap over
+  `[B * frames, H, W]`. The same lax ops lower on every backend; only the grouping differs. Measured
+  against the alternatives (a 3D conv, the time taps folded into the input channels of one 2D conv, that
+  fold one frame at a time, im2col) in tools/bench_vae_conv.py and tools/bench_vae.py. The cost: each
+  tap's kernel slice is a copy, and XLA:CPU's scheduler keeps them alive together, about one more copy of
+  the spatial kernels in temporaries (the per-frame fold avoids it and runs about 15% slower).
   """
   kh, kw, kt, cin, cout = kernel.shape
   st, sh, sw = strides
@@ -78,17 +91,21 @@ def conv3d_time_valid(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = 
     # Pointwise over space: a matmul per time tap is cheaper than a conv.
     return sum(jnp.einsum("bthwc,cd->bthwd", x[:, i:i + st * (t_out - 1) + 1:st], kernel[0, 0, i])
                for i in range(kt))
-  taps = [x[:, i:i + st * (t_out - 1) + 1:st] for i in range(kt)]
-  x = jnp.concatenate(taps, axis=-1) if kt > 1 else taps[0]
-  x = x.reshape(b * t_out, h, w, kt * cin)
-  # Channel order of the folded input is (tap, cin), the kernel's own order: the fold is a reshape.
-  k2 = kernel.reshape(kh, kw, kt * cin, cout)
   if spatial_pad is None:
     spatial_pad = (((kh - 1) // 2,) * 2, ((kw - 1) // 2,) * 2)
-  y = jax.lax.conv_general_dilated(
-      x, k2, window_strides=(sh, sw), padding=[tuple(p) for p in spatial_pad],
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  return y.reshape(b, t_out, *y.shape[1:])
+  padding = [tuple(p) for p in spatial_pad]
+  group = frames_per_call or conv_frames_per_call(t_out)
+  outs = []
+  for t0 in range(0, t_out, group):
+    n = min(group, t_out - t0)
+    y = None
+    for i in range(kt):
+      xi = x[:, t0 * st + i:(t0 + n - 1) * st + i + 1:st].reshape(b * n, h, w, cin)
+      yi = jax.lax.conv_general_dilated(xi, kernel[:, :, i], window_strides=(sh, sw), padding=padding,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      y = yi if y is None else y + yi
+    outs.append(y.reshape(b, n, *y.shape[1:]))
+  return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
 
 
 class ConvCache:

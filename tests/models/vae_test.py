@@ -85,6 +85,19 @@ def test_causal_conv3d_matches_lax_conv3d():
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4, err_msg=str((kernel_shape, strides)))
 
 
+@pytest.mark.parametrize("strides", [(1, 1, 1), (2, 2, 2), (2, 1, 1)])
+def test_conv_frame_grouping_does_not_change_the_result(strides):
+  """One output frame per conv call (CPU), all in one call (accelerators) and uneven groups agree."""
+  x = _video((2, 9, 8, 8, 4))
+  kernel = jax.random.normal(jax.random.key(2), (3, 3, 3, 4, 6))  # [kh, kw, kt, cin, cout]
+  t_out = (9 - 3) // strides[0] + 1
+  ref = vae_lib.conv3d_time_valid(x, kernel, strides, frames_per_call=t_out)
+  assert ref.shape[1] == t_out
+  for group in (1, 2, t_out - 1):
+    got = vae_lib.conv3d_time_valid(x, kernel, strides, frames_per_call=group)
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5, err_msg=f"frames_per_call={group}")
+
+
 def _abstract_shapes(model, x_shape):
   """Latent and decoded shapes by tracing only (no compile): cheap for shape-contract checks."""
   graphdef, state = nnx.split(model)
