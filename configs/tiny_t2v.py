@@ -68,9 +68,11 @@ def get_config(arg=None):
   # on the left late" directly (RoPE alone only tells attention how far apart two tokens are). 'fractional'
   # gives that position as a fraction of the clip's extent, the same for every clip size of the mix: direction
   # on held-out prompts 0.55 against 0.35 with per-axis token indices (run D21).
+  # scan_unroll: the stacked blocks run as one unrolled scan. XLA:CPU runs the layers' matmuls and their
+  # backward 10-17% faster outside a while loop (experiments/scaling/README.md); pods keep 1 for compile time.
   c.dit = dict(
       width=arg.width, depth=arg.depth, num_heads=4, mlp_ratio=4.0, patch_size=(1, 2, 2), qk_norm=False,
-      scan_layers=True, remat="none", rope_theta=100.0, gate_init=0.0, abs_pos=True,
+      scan_layers=True, scan_unroll=arg.depth, remat="none", rope_theta=100.0, gate_init=0.0, abs_pos=True,
       abs_pos_kind="fractional", temporal_attention=False, position_modulation=False, cross_attention=False,
       cond_flag=False)
   c.flow = dict(

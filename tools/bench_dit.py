@@ -116,7 +116,7 @@ def make_config(*, width=384, heads=6, layers=12, mlp=1536, channels=16, latent=
   c.text.update(encoder="trainable", tokenizer="bytes", depth=0, width=text_dim, num_heads=heads,
                 max_len=text_tokens)
   c.dit.update(width=width, depth=layers, num_heads=heads, mlp_ratio=mlp / width, patch_size=tuple(patch),
-               qk_norm=True, scan_layers=True, remat="none", dtype="float32")
+               qk_norm=True, scan_layers=True, scan_unroll=layers, remat="none", dtype="float32")
   tokens = 1
   for s, p in zip(latent, patch):
     if s % p:

@@ -126,11 +126,14 @@ class DiT(nnx.Module):
                remat: str = "none", dtype=jnp.float32, num_classes: int = 0, cross_attention: bool = True,
                rope_theta: float = 10000.0, gate_init: float = 0.0, abs_pos: bool = False,
                temporal_attention: bool = False, position_modulation: bool = False,
-               abs_pos_kind: str = "axes", cond_flag: bool = False, rngs: nnx.Rngs):
+               abs_pos_kind: str = "axes", cond_flag: bool = False, scan_unroll: int = 1, rngs: nnx.Rngs):
     if remat not in REMAT_POLICIES:
       raise ValueError(f"dit.remat={remat!r}: choose one of {sorted(REMAT_POLICIES)}")
     self.width, self.num_heads, self.depth = width, num_heads, depth
     self.scan_layers, self.remat, self.dtype = scan_layers, remat, dtype
+    if scan_unroll < 1:
+      raise ValueError(f"dit.scan_unroll={scan_unroll}: must be >= 1 (layers per scan iteration)")
+    self.scan_unroll = min(scan_unroll, depth)
     self.num_classes, self.rope_theta, self.abs_pos = num_classes, rope_theta, abs_pos
     self.temporal_attention, self.abs_pos_kind = temporal_attention, abs_pos_kind
     # Final-layer modulation per token from (conditioning + its position): see the module docstring.
@@ -210,7 +213,7 @@ class DiT(nnx.Module):
 
       if self.remat != "none":
         body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-      x, _ = jax.lax.scan(body, x, state)
+      x, _ = jax.lax.scan(body, x, state, unroll=self.scan_unroll)
     else:
       for block in self.blocks:
         fn = apply_block if self.remat == "none" else nnx.remat(apply_block, policy=policy)
@@ -238,4 +241,5 @@ def from_config(config, *, patch_dim: int, text_dim: int, backend: str, rngs: nn
              rope_theta=d.get("rope_theta", 10000.0), gate_init=d.get("gate_init", 0.0),
              abs_pos=d.get("abs_pos", False), temporal_attention=d.get("temporal_attention", False),
              position_modulation=d.get("position_modulation", False),
-             abs_pos_kind=d.get("abs_pos_kind", "axes"), cond_flag=d.get("cond_flag", False), rngs=rngs)
+             abs_pos_kind=d.get("abs_pos_kind", "axes"), cond_flag=d.get("cond_flag", False),
+             scan_unroll=d.get("scan_unroll", 1), rngs=rngs)

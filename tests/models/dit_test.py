@@ -292,3 +292,17 @@ def test_cond_flag_reaches_exactly_the_segments_with_given_frames():
   assert np.abs(flagged - unflagged)[noisy_7].min() > 1e-4
   clip_1 = np.asarray(seg == 1)
   np.testing.assert_allclose(flagged[clip_1], unflagged[clip_1], rtol=1e-5, atol=1e-6)
+
+
+def test_unrolled_layer_scan_equals_rolled(setup):
+  """`dit.scan_unroll` only changes how XLA runs the stacked blocks, not what they compute."""
+  config, mesh, graphdef, params, rest = setup
+  rows = _rows([_sample(config, (3, 2, 4), "a red circle moving left", 0, index=7)])
+  with mesh_lib.use(mesh, mesh_lib.DIT_RULES):
+    rolled = _forward(graphdef, params, rest, rows, 0.6)
+    model = nnx.merge(graphdef, params, rest)
+    assert model.dit.scan_unroll == config.dit.depth  # the CPU configs unroll every layer
+    model.dit.scan_unroll = 1
+    g1, p1, r1 = nnx.split(model, nnx.Param, ...)
+    unrolled_off = _forward(g1, p1, r1, rows, 0.6)
+  np.testing.assert_allclose(np.asarray(unrolled_off), np.asarray(rolled), rtol=1e-5, atol=1e-6)
