@@ -31,6 +31,8 @@ def get_config(arg=None):
       size_weights=[0.4, 0.2, 0.2, 0.2] if arg.variable else [1.0],
       num_workers=0,
       heldout_size=(9, r, r),
+      # Share of training clips whose shape leaves the frame (held-out clips always stay in frame).
+      exit_fraction=0.0,
   )
   # 2x2 pixel patchify + one 2x downsampling level: 4x space, 2x time (9 frames -> 5 latent frames), 16
   # latent channels. Patchifying first keeps most convolutions at 16x16, 3.4x cheaper per step on CPU.

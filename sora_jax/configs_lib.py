@@ -172,6 +172,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   head_dim = dit.width // dit.num_heads
   if head_dim % 2 or head_dim < 6:
     _fail("dit.width", dit.width, f"head dim {head_dim} must be even and >= 6 for 3D RoPE (t, h, w pairs)")
+  if not 0.0 <= config.data.get("exit_fraction", 0.0) <= 1.0:
+    _fail("data.exit_fraction", config.data.exit_fraction, "must be in [0, 1]")
   if "scan_unroll" in dit:
     _positive(config, "dit.scan_unroll")
   if dit.get("rope_theta", 10000.0) <= 1.0:

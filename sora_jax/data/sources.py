@@ -410,7 +410,10 @@ def synthetic_dataset(config, *, split: str, seed: int, num_samples: int,
   sizes = [tuple(s) for s in (sizes if sizes is not None else config.data.sizes)]
   weights = list(size_weights if size_weights is not None else
                  (config.data.size_weights if sizes == [tuple(s) for s in config.data.sizes] else [1.0] * len(sizes)))
-  return grain.MapDataset.source(synthetic.SyntheticVideos(num_samples, sizes, weights, split=split, seed=seed))
+  # Shapes leaving the frame are a training-data option; held-out and evaluation clips stay in frame.
+  exit_fraction = config.data.get("exit_fraction", 0.0) if split == "train" else 0.0
+  return grain.MapDataset.source(synthetic.SyntheticVideos(num_samples, sizes, weights, split=split, seed=seed,
+                                                           exit_fraction=exit_fraction))
 
 
 def _is_not_image(record: dict) -> bool:

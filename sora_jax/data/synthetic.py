@@ -137,8 +137,13 @@ def sample_attributes(index: int, split: str = "train", seed: int = 0) -> dict[s
   return attrs
 
 
-def _trajectory(attrs, frames, height, width, extent, rng):
-  """Per-frame shape centres (rows, cols) in pixel units, float [T] each."""
+def _trajectory(attrs, frames, height, width, extent, rng, exit_fraction=0.0):
+  """Per-frame shape centres (rows, cols) in pixel units, float [T] each.
+
+  With probability `exit_fraction` the travel ends past the far edge (the last centre between on the edge,
+  half the shape out, and just fully outside): the clip shows the shape leaving the frame. No draw is made when
+  `exit_fraction` is 0, so those clips are exactly the in-frame ones.
+  """
   horizontal = attrs["direction"] in ("left", "right")
   sign = 1.0 if attrs["direction"] in ("right", "down") else -1.0
   along_len, perp_len = (width, height) if horizontal else (height, width)
@@ -154,6 +159,9 @@ def _trajectory(attrs, frames, height, width, extent, rng):
     start = along_len - start
   perp_room = max(perp_len - extent - 2 * margin - 2 * amp, 0.0)
   perp = half + margin + amp + rng.uniform(0.0, perp_room)
+  if exit_fraction > 0 and rng.uniform() < exit_fraction:
+    end = rng.uniform(along_len, along_len + half + margin)  # distance from the start edge
+    start = end - disp if sign > 0 else along_len - (end - disp)
 
   if frames == 1:
     progress = np.zeros(1)
@@ -169,18 +177,19 @@ def _trajectory(attrs, frames, height, width, extent, rng):
 
 
 def render(attrs: Mapping[str, str], frames: int, height: int, width: int,
-           seed: int = 0) -> np.ndarray:
+           seed: int = 0, exit_fraction: float = 0.0) -> np.ndarray:
   """Renders the clip described by `attrs` as uint8 [frames, height, width, 3].
 
   Any size works; one frame is an image (the shape at its start position).
-  The start position and speed come from `seed`; the shape stays inside the
-  frame and travels 35-50% of the frame along its direction.
+  The start position and speed come from `seed`; the shape travels 35-50% of
+  the frame along its direction and stays inside the frame, except in the
+  `exit_fraction` of clips where it leaves across the far edge.
   """
   if frames < 1 or height < 4 or width < 4:
     raise ValueError(f"bad size {(frames, height, width)}")
   rng = _rng(seed, 2)
   extent = SIZE_FRACTION[attrs["size"]] * min(height, width)
-  rows, cols = _trajectory(attrs, frames, height, width, extent, rng)
+  rows, cols = _trajectory(attrs, frames, height, width, extent, rng, exit_fraction)
   rows, cols = rows.astype(np.float32), cols.astype(np.float32)
 
   # Offsets of pixel centres from the shape centre, [T, H, 1] and [T, 1, W].
@@ -217,11 +226,12 @@ class SyntheticVideos:
   Each index picks one of `sizes` ((frames, height, width) tuples) with
   probability proportional to `size_weights`, its attributes from `split`, and
   its start position and speed; all deterministically from (seed, index).
+  `exit_fraction`: the share of clips whose shape leaves the frame (see `render`).
   """
 
   def __init__(self, num_samples: int, sizes: Sequence[tuple[int, int, int]],
                size_weights: Sequence[float] | None = None, split: str = "train",
-               seed: int = 0):
+               seed: int = 0, exit_fraction: float = 0.0):
     if split not in _SPLITS:
       raise ValueError(f"split must be one of {tuple(_SPLITS)}, got {split!r}")
     if not sizes:
@@ -235,6 +245,9 @@ class SyntheticVideos:
     self._cdf = np.cumsum(weights / weights.sum())
     self.split = split
     self.seed = int(seed)
+    if not 0.0 <= exit_fraction <= 1.0:
+      raise ValueError(f"exit_fraction must be in [0, 1], got {exit_fraction!r}")
+    self.exit_fraction = float(exit_fraction)
 
   def __len__(self) -> int:
     return self.num_samples
@@ -251,7 +264,8 @@ class SyntheticVideos:
       raise IndexError(f"index {index} out of range [0, {self.num_samples})")
     attrs = sample_attributes(index, self.split, self.seed)
     frames, height, width = self.size_of(index)
-    video = render(attrs, frames, height, width, _clip_seed(self.seed, index, self.split))
+    video = render(attrs, frames, height, width, _clip_seed(self.seed, index, self.split),
+                   self.exit_fraction)
     return dict(video=video, caption=caption(attrs), labels=labels_of(attrs), index=index)
 
   def __repr__(self) -> str:

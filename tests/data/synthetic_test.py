@@ -83,6 +83,37 @@ def test_render_shape_inside_and_moves(size):
     assert abs(c[-1, 1 - axis] - c[0, 1 - axis]) < 1.0
 
 
+@pytest.mark.parametrize("size", [(9, 32, 32), (9, 32, 48), (17, 64, 64)])
+def test_render_exit_leaves_the_frame_in_its_direction(size):
+  frames, height, width = size
+  d = {"left": (1, -1), "right": (1, 1), "up": (0, -1), "down": (0, 1)}
+  for k, attrs in enumerate(ALL_COMBOS[::11]):
+    video = synthetic.render(attrs, frames, height, width, seed=k, exit_fraction=1.0)
+    fg = (video == np.array(synthetic.PALETTE[attrs["color"]], np.uint8)).all(-1)
+    area = fg.sum((1, 2))
+    assert area[0] > 0 and area[-1] < 0.7 * area[0], attrs  # visible at first, then at least half gone
+    axis, sign = d[attrs["direction"]]
+    seen = area > 0
+    c = _centroids(video[seen], attrs["background"])
+    assert sign * (c[-1, axis] - c[0, axis]) > 0, attrs  # the visible part still moves the captioned way
+    # On its last visible frame the shape touches the far edge.
+    profile = fg[seen][-1].any(1 - axis)  # occupied rows (vertical travel) or columns (horizontal)
+    assert profile[-1 if sign > 0 else 0], attrs
+
+
+def test_exit_fraction_zero_keeps_clips_and_mixes_by_share():
+  attrs = ALL_COMBOS[100]
+  for seed in range(5):
+    np.testing.assert_array_equal(synthetic.render(attrs, 9, 32, 32, seed=seed),
+                                  synthetic.render(attrs, 9, 32, 32, seed=seed, exit_fraction=0.0))
+  src = synthetic.SyntheticVideos(200, [(9, 32, 32)], exit_fraction=0.5)
+  border = [(item["video"][-1, [0, -1]] != item["video"][-1, 1, 1]).any() or
+            (item["video"][-1, :, [0, -1]] != item["video"][-1, 1, 1]).any() for item in map(src.__getitem__, range(200))]
+  assert 0.3 < np.mean(border) < 0.7
+  with pytest.raises(ValueError, match="exit_fraction must be in"):
+    synthetic.SyntheticVideos(4, [(9, 32, 32)], exit_fraction=1.5)
+
+
 def test_render_sizes_differ():
   base = dict(shape="square", color="red", direction="right", motion="straight",
               background="black")
