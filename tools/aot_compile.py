@@ -9,7 +9,9 @@ is ShapeDtypeStructs sharded like `mesh.global_batch`; libtpu's compiler sees th
 analytic FLOPs, and the compiler's cost estimate. A `lax.scan` body is costed once by the compiler, so with
 `--cost=extrapolate` (default) FLOPs and time come from two extra compiles with 1 and 2 unrolled layers:
 cost(depth) = c1 + (depth - 1) * (c2 - c1). A Pallas kernel (splash attention) has no cost estimate and counts
-as zero; `attention_costed` in the output says whether attention is in the time.
+as zero; `attention_costed` in the output says whether attention is in the time. With attention costed the
+output has `estimated_mfu` (analytic FLOPs over the estimated time); without, `estimated_mfu_without_attention`
+(the analytic FLOPs outside attention scores and values over the attention-free time).
 
 Exit status 1 with one line on stderr when the step does not fit. The last line is one JSON object.
 """
@@ -178,12 +180,19 @@ def main(argv):
                   layers_costed=_COST.value == "extrapolate" or not config.dit.scan_layers)
     peak = flops_lib.PEAK_FLOPS.get(kind)
     if peak and c["seconds"] > 0:
-      report["estimated_mfu"] = analytic / len(devices) / (c["seconds"] * peak)
+      if report["attention_costed"]:
+        report["estimated_mfu"] = analytic / len(devices) / (c["seconds"] * peak)
+      else:
+        # The estimated time leaves attention out, so only the FLOPs it covers may be divided by it (the
+        # analytic total over that time can exceed 100%).
+        costed = analytic - flops_lib.attention_flops_per_step(config)
+        report["estimated_mfu_without_attention"] = costed / len(devices) / (c["seconds"] * peak)
 
   for k in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "per_chip_bytes"):
     print(f"{k:>24s}: {mem[k] / GIB:9.3f} GiB")
   print(f"{'hbm_bytes':>24s}: {hbm / GIB:9.3f} GiB ({report['device_kind']}, {len(devices)} chips)")
-  for k in ("params", "analytic_flops_per_chip", "compiler_flops_per_chip", "estimated_step_s", "estimated_mfu"):
+  for k in ("params", "analytic_flops_per_chip", "compiler_flops_per_chip", "estimated_step_s", "estimated_mfu",
+            "estimated_mfu_without_attention"):
     if k in report:
       print(f"{k:>24s}: {report[k]:.4g}")
   if not report["fits"]:

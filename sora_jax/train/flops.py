@@ -70,6 +70,15 @@ def train_flops_per_step(config) -> float:
   return config.train_dit.batch_size * train_flops_per_row(config)
 
 
+def attention_flops_per_step(config) -> float:
+  """The part of `train_flops_per_step` in attention scores and weighted values (self and cross).
+
+  What a compiler's cost model leaves out when attention runs in a kernel that declares no cost.
+  """
+  without = config.train_dit.batch_size * train_flops_per_row(config, video_attn_len=0.0, text_attn_len=0.0)
+  return train_flops_per_step(config) - without
+
+
 def flops_per_token(config) -> float:
   """Training FLOPs per video token of a full row (the per-step log's tokens times this is the step)."""
   return train_flops_per_row(config) / config.train_dit.seq_len

@@ -84,3 +84,15 @@ def test_analytic_forward_flops_match_xla(variant):
   analytic = flops_lib.forward_flops_per_row(config)
   assert analytic <= xla
   np.testing.assert_allclose(analytic, xla, rtol=0.06)
+
+
+def test_attention_flops_are_the_scores_and_values():
+  """What a compiler leaves out when attention runs in an uncosted kernel: 4 L^2 D per self-attention and
+  4 L Lt D per cross-attention, per layer, times 3 for training."""
+  config = tiny_t2v.use_standard_schedule(tiny_t2v.use_cross_attention(tiny_t2v.get_config("runlocal")))
+  config.text.update(depth=0)
+  B, L, Lt = config.train_dit.batch_size, config.train_dit.seq_len, config.train_dit.text_seq_len
+  d, depth = config.dit.width, config.dit.depth
+  expected = 3 * B * depth * (4 * L * L * d + 4 * L * Lt * d)
+  np.testing.assert_allclose(flops_lib.attention_flops_per_step(config), expected, rtol=1e-9)
+  assert flops_lib.attention_flops_per_step(config) < flops_lib.train_flops_per_step(config)
