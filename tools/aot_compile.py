@@ -130,7 +130,9 @@ def extrapolated_cost(config, devices) -> dict:
 
 
 def _bytes_from_oom(message: str) -> int | None:
-  m = re.search(r"Used ([\d.]+)([KMGT])? of", message)
+  """Bytes the compiler wanted, from its out-of-memory message (two phrasings seen from libtpu)."""
+  m = (re.search(r"Used ([\d.]+)([KMGT])? of", message) or
+       re.search(r"memory required for HLO temporaries \(([\d.]+)([KMGT])?\)", message))
   if not m:
     return None
   return int(float(m.group(1)) * {None: 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2)])
@@ -160,8 +162,9 @@ def main(argv):
       raise
     used = _bytes_from_oom(str(e))
     report.update(fits=False, per_chip_bytes=used, error=str(e).splitlines()[0][:300])
-    print(f"aot_compile: does not fit on {name}: the compiler ran out of HBM "
-          f"({(used or 0) / GIB:.1f} GiB of {hbm / GIB:.1f} GiB per chip)", file=sys.stderr)
+    wanted = "an unknown amount" if used is None else f"{used / GIB:.1f} GiB"
+    print(f"aot_compile: does not fit on {name}: the compiler ran out of HBM ({wanted} wanted, "
+          f"{hbm / GIB:.1f} GiB per chip)", file=sys.stderr)
     print(json.dumps(report))
     sys.exit(1)
 
