@@ -66,17 +66,6 @@ def im2col_hw(x, kernel, strides=(1, 1, 1)):
 
 def fold_time_2d(x, kernel, strides=(1, 1, 1), spatial_pad=None):
   """The kt time-shifted frame stacks concatenated on channels, one 2D conv over [B*T', H, W]."""
-  return _fold(x, kernel, strides, spatial_pad)
-
-
-def fold_per_frame(x, kernel, strides=(1, 1, 1), spatial_pad=None):
-  """`fold_time_2d` one output frame at a time (no kernel slices: the folded kernel is a reshape)."""
-  t_out = (x.shape[1] - kernel.shape[2]) // strides[0] + 1
-  return jnp.concatenate([_fold(x[:, j * strides[0]:j * strides[0] + kernel.shape[2]], kernel, strides, spatial_pad)
-                          for j in range(t_out)], axis=1)
-
-
-def _fold(x, kernel, strides, spatial_pad):
   kh, kw, kt, cin, cout = kernel.shape
   st, sh, sw = strides
   b, tp, h, w, _ = x.shape
@@ -88,6 +77,14 @@ def _fold(x, kernel, strides, spatial_pad):
                                    (sh, sw), [tuple(p) for p in spatial_pad],
                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
   return y.reshape(b, t_out, *y.shape[1:])
+
+
+def fold_per_frame(x, kernel, strides=(1, 1, 1), spatial_pad=None):
+  """`fold_time_2d` one output frame at a time (no kernel slices: the folded kernel is a reshape)."""
+  st, kt = strides[0], kernel.shape[2]
+  t_out = (x.shape[1] - kt) // st + 1
+  return jnp.concatenate([fold_time_2d(x[:, j * st:j * st + kt], kernel, strides, spatial_pad)
+                          for j in range(t_out)], axis=1)
 
 
 _TAPS = vae_lib.conv3d_time_valid  # candidates swap the module attribute; this keeps the original
