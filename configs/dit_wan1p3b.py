@@ -1,4 +1,4 @@
-r"""A Wan2.1-1.3B-sized DiT (width 1536, 30 layers, MLP 8960) at 480x832 x 81 frames, one clip per chip.
+r"""Wan2.1-1.3B's DiT (width 1536, 30 layers, 12 heads, MLP 8960) at 480x832 x 81 frames, one clip per chip.
 
 32,760 video tokens per clip (4x8x8 VAE with 16 latent channels -> 21x60x104 latents, patch 1x2x2), 512 text
 tokens of width 4096 (the width of Wan's umT5 features; the text encoder here is only the embedding, as a
@@ -9,9 +9,15 @@ FSDP over every chip, splash attention on TPU. Check it fits before spending pod
   python -m sora_jax.main --config=configs/dit_wan1p3b.py:chips=32 --workdir=gs://BUCKET/wan1p3b \
       --mode=train_dit
 
+Parameter-matched to Wan2.1-1.3B: one modulation projection shared by all blocks plus a [6, D] table per
+block (`dit.shared_modulation`), text features projected to width 1536 once (`dit.text_proj`), head dim 128
+with 3D RoPE pairs split 22/21/21 over (t, h, w). 1.430e9 DiT parameters against diffusers'
+`WanTransformer3DModel` at the same settings, 1.419e9 (the 0.8% is the pooled-text projection and the final
+layer's modulation projection, which Wan has as a fixed table); tests/models/dit_test.py pins it.
+`--config.dit.shared_modulation=False --config.dit.text_proj=False` gives per-block adaLN-Zero and per-block
+text keys/values from 4096 (2.07e9 parameters, the same step FLOPs up to 0.1%).
+
 Variants: `:res=720p` (1280x720 x 81 frames, 75,600 tokens), `:width=2048,depth=32,heads=16`, `:remat=dots`.
-Heads default to 16 (head dim 96): Wan's 12 heads of 128 need 3D RoPE to split 64 pairs unevenly over
-(t, h, w); compute and memory are the same up to the attention kernel's tiling.
 """
 from configs import tiny_t2v
 from sora_jax import configs_lib
@@ -21,7 +27,7 @@ RESOLUTIONS = {"480p": (81, 480, 832), "720p": (81, 720, 1280)}
 
 
 def get_config(arg=None):
-  arg = configs_lib.parse_arg(arg, runlocal=False, chips=4, res="480p", width=1536, depth=30, heads=16,
+  arg = configs_lib.parse_arg(arg, runlocal=False, chips=4, res="480p", width=1536, depth=30, heads=12,
                               mlp=8960, remat="full")
   c = tiny_t2v.get_config("runlocal" if arg.runlocal else None)
   c.mode = "train_dit"
@@ -36,7 +42,7 @@ def get_config(arg=None):
   c.text.update(width=4096, depth=0, num_heads=32, max_len=512)
   c.dit.update(width=arg.width, depth=arg.depth, num_heads=arg.heads, mlp_ratio=arg.mlp / arg.width,
                patch_size=(1, 2, 2), scan_layers=True, remat=arg.remat, dtype="bfloat16", qk_norm=True,
-               rope_theta=10000.0)
+               rope_theta=10000.0, shared_modulation=True, text_proj=True)
   t, h, w = size
   tokens = (1 + (t - 1) // 4) * (h // 16) * (w // 16)
   c.train_dit.update(batch_size=arg.chips, seq_len=tokens, text_seq_len=512, max_segments=1, lr=1e-4,

@@ -176,6 +176,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("data.exit_fraction", config.data.exit_fraction, "must be in [0, 1]")
   if "scan_unroll" in dit:
     _positive(config, "dit.scan_unroll")
+  if dit.get("text_proj", False) and (not dit.get("cross_attention", True) or config.text.encoder == "class"):
+    _fail("dit.text_proj", dit.text_proj, "projects the text for cross-attention, which this config does not "
+          "have (dit.cross_attention=False or a class-conditional text.encoder)")
   if dit.get("rope_theta", 10000.0) <= 1.0:
     _fail("dit.rope_theta", dit.rope_theta, "must be > 1 (the RoPE base wavelength)")
   if config.text.get("pool", "mean") not in ("mean", "words", "words_sum"):
@@ -227,7 +230,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.train_dit.max_segments < 1:
     _fail("train_dit.max_segments", config.train_dit.max_segments, "must be at least 1")
   _positive(config, "sample.steps")
-  if config.attention not in ("auto", "xla", "blockwise", "cudnn", "splash"):
-    _fail("attention", config.attention, "unknown backend; choose auto, xla, blockwise, cudnn or splash")
+  if config.attention not in ("auto", "xla", "blockwise", "cudnn", "splash", "splash_fused"):
+    _fail("attention", config.attention,
+          "unknown backend; choose auto, xla, blockwise, cudnn, splash or splash_fused")
   if not math.isfinite(config.sample.guidance) or config.sample.guidance < 0:
     _fail("sample.guidance", config.sample.guidance, "must be a finite non-negative number")

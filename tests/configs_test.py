@@ -46,6 +46,7 @@ def test_parse_arg_types_and_errors():
     ("dit.num_heads", 5, r"config.dit.num_heads=5: must divide dit.width=144"),
     ("dit.rope_theta", 1.0, r"config.dit.rope_theta=1.0: must be > 1"),
     ("dit.scan_unroll", 0, r"config.dit.scan_unroll=0: must be positive"),
+    ("dit.text_proj", True, r"config.dit.text_proj=True: projects the text for cross-attention, which this"),
     ("data.exit_fraction", 1.5, r"config.data.exit_fraction=1.5: must be in \[0, 1\]"),
     ("text.pool", "max", r"config.text.pool='max': must be 'mean', 'words' or 'words_sum'"),
     ("cond.start_step", -1, r"config.cond.start_step=-1: must be non-negative"),

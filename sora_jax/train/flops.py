@@ -50,11 +50,15 @@ def forward_flops_per_row(config, *, video_attn_len: float | None = None, text_a
   Lt = 0 if class_cond else config.train_dit.text_seq_len
   text_attn_len = Lt if text_attn_len is None else text_attn_len
   w, mlp = d.width, int(d.mlp_ratio * d.width)
-  fwd = d.depth * _layer_forward(w, mlp, L, video_attn_len, t.width if cross else 0, Lt, text_attn_len)
+  text_proj = cross and d.get("text_proj", False)
+  ctx_dim = (w if text_proj else t.width) if cross else 0
+  fwd = d.depth * _layer_forward(w, mlp, L, video_attn_len, ctx_dim, Lt, text_attn_len)
   fwd += 2 * L * 2 * t2v.patch_dim(config) * w                    # patch in and out
-  # Per segment: timestep MLP, pooled-text projection, adaLN of every block and of the final layer.
-  fwd += 2 * segments * (TIMESTEP_FEATURES * w + w * w + (0 if class_cond else t.width * w)
-                         + d.depth * 6 * w * w + 2 * w * w)
+  if text_proj:
+    fwd += 2 * Lt * (t.width * w + w * w)                         # text to the DiT's width, once
+  # Per segment: timestep MLP, pooled-text projection, adaLN (shared, or of every block) and the final layer's.
+  ada = (1 if d.get("shared_modulation", False) else d.depth) * 6 * w * w
+  fwd += 2 * segments * (TIMESTEP_FEATURES * w + w * w + (0 if class_cond else t.width * w) + ada + 2 * w * w)
   if t2v.text_states_used(config):
     fwd += t.depth * _layer_forward(t.width, 4 * t.width, Lt, text_attn_len)
   return fwd

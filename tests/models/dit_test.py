@@ -306,3 +306,72 @@ def test_unrolled_layer_scan_equals_rolled(setup):
     g1, p1, r1 = nnx.split(model, nnx.Param, ...)
     unrolled_off = _forward(g1, p1, r1, rows, 0.6)
   np.testing.assert_allclose(np.asarray(unrolled_off), np.asarray(rolled), rtol=1e-5, atol=1e-6)
+
+
+def test_shared_modulation_is_per_block_adaln_with_tied_projections():
+  """adaLN-single (`dit.shared_modulation`): block l's modulation is shared(c) + table[l], which is exactly a
+  per-block adaLN whose projections all equal the shared one and whose biases add that block's table."""
+  config = tiny_t2v.use_standard_schedule(tiny_t2v.use_cross_attention(tiny_t2v.get_config("runlocal")))
+  config.dit.update(shared_modulation=True)
+  _, mesh, graphdef, params, rest = _perturbed(config)
+  per_block = config.copy_and_resolve_references()
+  per_block.dit.shared_modulation = False
+  _, _, graphdef_pb, params_pb, rest_pb = _perturbed(per_block)
+  shared = params.to_pure_dict()
+  mapped = params_pb.to_pure_dict()
+  for key in shared["dit"]:
+    if key not in ("shared_ada", "blocks"):
+      mapped["dit"][key] = shared["dit"][key]
+  mapped["text"] = shared["text"]
+  blocks, blocks_pb = shared["dit"]["blocks"], mapped["dit"]["blocks"]
+  for key in blocks:
+    if key != "ada_table":
+      blocks_pb[key] = blocks[key]
+  depth = config.dit.depth
+  kernel = shared["dit"]["shared_ada"]["kernel"]
+  blocks_pb["ada"]["kernel"] = jnp.broadcast_to(kernel, (depth,) + kernel.shape)
+  blocks_pb["ada"]["bias"] = shared["dit"]["shared_ada"]["bias"] + blocks["ada_table"]
+  nnx.replace_by_pure_dict(params_pb, mapped)
+  rows = _rows([_sample(config, (3, 2, 4), "a red circle moving left", 0, index=7),
+                _sample(config, (1, 4, 2), "a blue square moving up", 1, index=1)])
+  with mesh_lib.use(mesh, mesh_lib.DIT_RULES):
+    out_shared = _forward(graphdef, params, rest, rows, 0.6)
+    out_per_block = _forward(graphdef_pb, params_pb, rest_pb, rows, 0.6)
+  np.testing.assert_allclose(np.asarray(out_shared), np.asarray(out_per_block), rtol=1e-5, atol=1e-6)
+  # The tables differ between blocks (each block its own modulation), and the model is not trivially zero.
+  assert np.abs(np.asarray(blocks["ada_table"][0] - blocks["ada_table"][1])).max() > 1e-3
+  assert np.abs(np.asarray(out_shared)).max() > 1e-2
+
+
+def test_shared_modulation_starts_as_identity_blocks():
+  """Zero tables and a zero shared projection close every block's gates (adaLN-Zero) unless `gate_init`."""
+  config = tiny_t2v.use_standard_schedule(tiny_t2v.use_cross_attention(tiny_t2v.get_config("runlocal")))
+  config.dit.update(shared_modulation=True, text_proj=True, gate_init=0.25)
+  with mesh_lib.use(mesh_lib.make_mesh(config.mesh, devices=jax.devices()[:1]), mesh_lib.DIT_RULES):
+    model = t2v.TextToVideo(config, patch_dim=t2v.patch_dim(config), rngs=nnx.Rngs(0))
+  assert not np.any(np.asarray(model.dit.blocks.ada_table[...]))
+  bias = np.asarray(model.dit.shared_ada.bias[...])
+  assert np.all(bias[[2, 5]] == 0.25) and not np.any(bias[[0, 1, 3, 4]])
+  # Cross-attention reads the projected text: keys and values come from the DiT's width.
+  assert model.dit.blocks.cross.k.kernel.shape[1] == config.dit.width
+
+
+# diffusers' WanTransformer3DModel(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30,
+# text_dim=4096, freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads"), counted on the meta device.
+WAN_1P3B_PARAMS = 1_418_996_800
+
+
+def test_wan1p3b_config_is_parameter_matched_to_wan():
+  """configs/dit_wan1p3b.py is Wan2.1-1.3B's DiT up to three known differences, counted exactly."""
+  from configs import dit_wan1p3b  # pylint: disable=import-outside-toplevel
+  from sora_jax.train import flops as flops_lib  # pylint: disable=import-outside-toplevel
+  config = dit_wan1p3b.get_config()
+  d, depth, text = config.dit.width, config.dit.depth, config.text.width
+  ours = flops_lib.param_counts(config)["dit"]
+  pooled_text = text * d + d                       # Wan has no pooled-text conditioning
+  final_mod = (d * 2 * d + 2 * d) - 2 * d           # a projection where Wan has a learned [2, D] table
+  # Wan normalises q and k across heads (D weights each) and has an affine LayerNorm before cross-attention;
+  # here q and k norms are per head (head-dim weights) and that norm is an RMSNorm (D weights).
+  norms = depth * (4 * (d // config.dit.num_heads) + d) - depth * (4 * d + 2 * d)
+  assert ours == WAN_1P3B_PARAMS + pooled_text + final_mod + norms
+  assert abs(ours / WAN_1P3B_PARAMS - 1) < 0.01

@@ -44,7 +44,7 @@ def test_count_tool_last_line_is_json():
   assert out["params"] == pytest.approx(33e6, rel=0.015) and out["forward_gflops"] == pytest.approx(6.06, rel=0.005)
 
 
-@pytest.mark.parametrize("variant", ["cross_attention", "class", "demo"])
+@pytest.mark.parametrize("variant", ["cross_attention", "class", "demo", "adaln_single_text_proj"])
 def test_analytic_forward_flops_match_xla(variant):
   """Unrolled layers (a scanned body would be costed once); XLA also counts element-wise ops."""
   if variant == "demo":
@@ -58,6 +58,8 @@ def test_analytic_forward_flops_match_xla(variant):
     # The cross-attention path, and no absolute position embedding (element-wise work XLA counts).
     config = tiny_t2v.use_standard_schedule(tiny_t2v.use_cross_attention(tiny_t2v.get_config("runlocal")))
     config.text.update(width=64, depth=1, num_heads=2)
+    if variant == "adaln_single_text_proj":  # Wan2.1's layout: one modulation projection, text projected once
+      config.dit.update(shared_modulation=True, text_proj=True)
   config.attention = "xla"
   config.dit.update(width=128, depth=2, num_heads=2, scan_layers=False)
   S, L, Lt = 1, 64, 16
