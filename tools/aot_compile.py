@@ -9,12 +9,19 @@ is ShapeDtypeStructs sharded like `mesh.global_batch`; libtpu's compiler sees th
 analytic FLOPs, and the compiler's cost estimate. A `lax.scan` body is costed once by the compiler, so with
 `--cost=extrapolate` (default) FLOPs and time come from two extra compiles with 1 and 2 unrolled layers:
 cost(depth) = c1 + (depth - 1) * (c2 - c1). A Pallas kernel (splash attention) has no cost estimate and counts
-as zero; `attention_costed` in the output says whether attention is in the time. With attention costed the
-output has `estimated_mfu` (analytic FLOPs over the estimated time); without, `estimated_mfu_without_attention`
-(the analytic FLOPs outside attention scores and values over the attention-free time).
+as zero unless `--kernel_costs=declare` (default): then every splash kernel (forward, dq, dkv) is given a
+declared cost while compiling, the FLOPs of its matmuls (forward 4 H Lq Lk D; dq 6, recomputing the scores;
+dkv 8, or 10 when it also forms dq) and the bytes it moves (q, k, v, the outputs, and k, v read again for
+every block of queries, or q for every block of keys in dkv), which the cost model turns into time as it
+does for any op: what a kernel at the chip's roofline would take. `attention_costed` in the output says
+whether attention is in the time. With attention costed the output has `estimated_mfu` (analytic FLOPs over
+the estimated time); without, `estimated_mfu_without_attention` (the analytic FLOPs outside attention scores
+and values over the attention-free time).
 
 Exit status 1 with one line on stderr when the step does not fit. The last line is one JSON object.
 """
+import contextlib
+import functools
 import json
 import math
 import os
@@ -37,6 +44,9 @@ _TOPOLOGY = flags.DEFINE_string("topology", "v5p-8", "v5p-64 (cores, as Cloud TP
 _COST = flags.DEFINE_enum("cost", "extrapolate", ["extrapolate", "direct", "none"],
                           "extrapolate: FLOPs/time from 1- and 2-layer unrolled compiles; direct: the compile "
                           "as configured (a scanned body counts once); none: memory only.")
+_KERNEL_COSTS = flags.DEFINE_enum("kernel_costs", "declare", ["declare", "none"],
+                                  "declare: give splash attention's Pallas kernels their FLOPs and bytes so the "
+                                  "compiler's time includes attention; none: they count as free.")
 _HBM_GIB = flags.DEFINE_float("hbm_gib", None, "Override the chip's HBM in GiB.")
 flags.mark_flags_as_required(["config"])
 
@@ -89,13 +99,76 @@ def abstract_batch(config, mesh):
           for k, (s, d) in shapes.items()}
 
 
+def splash_kernel_cost(name: str, args, out_shape, grid) -> tuple[int, int, int]:
+  """(flops, transcendentals, bytes) of one splash attention kernel call, from its name and operands.
+
+  q [H, Lq, D] and k [H, Lk, D] are the first two 3-D floating operands (head-dim-minor layout). The grid is
+  (heads, query blocks, key blocks) in the forward and dq kernels, (heads, key blocks, query blocks) in dkv.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  arrays = [a for a in args if hasattr(a, "shape") and len(a.shape) == 3 and jax.numpy.issubdtype(a.dtype, jax.numpy.floating)]
+  q, k = arrays[0], arrays[1]
+  h, lq, d = q.shape
+  lk = k.shape[1]
+  nbytes = lambda a: int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize  # noqa: E731
+  outs = [o for o in jax.tree.leaves(out_shape) if hasattr(o, "shape")]
+  out_bytes = sum(nbytes(o) for o in outs)
+  in_bytes = sum(nbytes(a) for a in args if hasattr(a, "shape"))
+  scores = h * lq * lk * d
+  if "_dkv" in name:
+    fused_dq = any(tuple(o.shape[1:]) == tuple(q.shape) for o in outs)  # dq per key block, formed here too
+    flops = (10 if fused_dq else 8) * scores
+    reread = (grid[1] - 1) * 2 * nbytes(q)  # q and dO again for every block of keys
+  elif "_dq" in name:
+    flops = 6 * scores
+    reread = (grid[1] - 1) * 2 * nbytes(k)  # k and v again for every block of queries
+  else:
+    flops = 4 * scores
+    reread = (grid[1] - 1) * 2 * nbytes(k)
+  return int(flops), int(h * lq * lk), int(in_bytes + out_bytes + reread)
+
+
+class declared_splash_costs:  # pylint: disable=invalid-name
+  """While active, splash attention's `pallas_call`s carry a `CostEstimate` from `splash_kernel_cost`."""
+
+  def __enter__(self):
+    from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib  # pylint: disable=g-import-not-at-top
+
+    class Costed:
+      def __getattr__(self, attr):
+        return getattr(pl, attr)
+
+      @staticmethod
+      def pallas_call(kernel, *a, name="", cost_estimate=None, out_shape=None, grid_spec=None, **kw):
+        call = functools.partial(pl.pallas_call, kernel, *a, name=name, out_shape=out_shape, grid_spec=grid_spec,
+                                 **kw)
+        if cost_estimate is not None or not name.startswith("splash_"):
+          return call(cost_estimate=cost_estimate)
+
+        def with_cost(*args):
+          flops, trans, nbytes = splash_kernel_cost(name, args, out_shape, grid_spec.grid)
+          estimate = pl.CostEstimate(flops=flops, transcendentals=trans, bytes_accessed=nbytes)
+          return call(cost_estimate=estimate)(*args)
+        return with_cost
+
+    self._lib, self._pl = kernel_lib, kernel_lib.pl
+    kernel_lib.pl = Costed()
+    return self
+
+  def __exit__(self, *exc):
+    self._lib.pl = self._pl
+
+
 def compile_step(config, devices):
   """Lowers and compiles `train_dit.make_train_step` for `devices`; returns the compiled executable."""
   from sora_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from sora_jax.train import train_dit  # pylint: disable=g-import-not-at-top
   mesh = mesh_lib.make_mesh(config.mesh, devices=devices)
   created, tx = train_dit.create(config, mesh, abstract=True)
-  with mesh_lib.use(mesh, mesh_lib.DIT_RULES):
+  costs = declared_splash_costs() if _KERNEL_COSTS.value == "declare" else contextlib.nullcontext()
+  with mesh_lib.use(mesh, mesh_lib.DIT_RULES), costs:
     step = train_dit.make_train_step(config, created.graphdef, tx, created.shardings)
     return step.lower(created.state, abstract_batch(config, mesh)).compile(), created
 
@@ -177,9 +250,16 @@ def main(argv):
   report["analytic_flops_per_chip"] = analytic / len(devices)
   if _COST.value != "none":
     c = extrapolated_cost(config, devices) if _COST.value == "extrapolate" else cost(compiled)
-    # Only the XLA attention is fully costed: splash is a Pallas kernel, blockwise loops are scan bodies.
+    # XLA attention is costed by the compiler, splash by its declared kernel costs; blockwise loops are scan
+    # bodies (costed once).
+    from sora_jax.models import attention as attention_lib  # pylint: disable=g-import-not-at-top
+    with mesh_lib.use(mesh_lib.make_mesh(config.mesh, devices=devices), mesh_lib.DIT_RULES):
+      backend = attention_lib.resolve_backend(config.attention, config.train_dit.seq_len,
+                                              config.train_dit.seq_len)
+    report["attention_backend"] = backend
     report.update(compiler_flops_per_chip=c["flops"], compiler_bytes_accessed=c["bytes_accessed"],
-                  estimated_step_s=c["seconds"], attention_costed=config.attention == "xla",
+                  estimated_step_s=c["seconds"],
+                  attention_costed=backend == "xla" or (backend == "splash" and _KERNEL_COSTS.value == "declare"),
                   layers_costed=_COST.value == "extrapolate" or not config.dit.scan_layers)
     peak = flops_lib.PEAK_FLOPS.get(kind)
     if peak and c["seconds"] > 0:

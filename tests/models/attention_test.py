@@ -148,7 +148,7 @@ def test_unknown_backend():
     attention(q, k, v, seg, seg, backend="flash3")
 
 
-@pytest.mark.parametrize("backend", ["cudnn", "splash"])
+@pytest.mark.parametrize("backend", ["cudnn", "splash", "splash_fused"])
 def test_accelerator_backends_raise_clearly_on_cpu(backend):
   if jax.default_backend() != "cpu":
     pytest.skip("CPU-only check")
@@ -158,13 +158,20 @@ def test_accelerator_backends_raise_clearly_on_cpu(backend):
     attention(q, k, v, seg, seg, backend=backend)
 
 
-def test_splash_interpret_matches_xla():
-  # Runs the real splash kernel through the Pallas interpreter on CPU.
+@pytest.mark.parametrize("fused_bwd", [False, True])
+def test_splash_interpret_matches_xla(fused_bwd):
+  # Runs the real splash kernels (forward, and the separate or fused backward) through the Pallas interpreter.
   q, k, v = _qkv(45, 21)
-  out = attention_lib._splash_attention(  # pylint: disable=protected-access
-      q, k, v, jnp.asarray(CROSS_Q), jnp.asarray(CROSS_KV), 128, 128, interpret=True)
-  np.testing.assert_allclose(out, _run("xla", q, k, v, CROSS_Q, CROSS_KV), atol=1e-5,
-                             rtol=1e-5)
+  qs, ks = jnp.asarray(CROSS_Q), jnp.asarray(CROSS_KV)
+  loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))  # noqa: E731
+  splash = lambda q, k, v: attention_lib._splash_attention(  # noqa: E731  pylint: disable=protected-access
+      q, k, v, qs, ks, 128, 128, interpret=True, fused_bwd=fused_bwd)
+  xla = lambda q, k, v: attention(q, k, v, qs, ks, backend="xla")  # noqa: E731
+  np.testing.assert_allclose(splash(q, k, v), xla(q, k, v), atol=1e-5, rtol=1e-5)
+  grads = jax.grad(loss(splash), argnums=(0, 1, 2))(q, k, v)
+  expected = jax.grad(loss(xla), argnums=(0, 1, 2))(q, k, v)
+  for g, e in zip(grads, expected):
+    np.testing.assert_allclose(g, e, atol=1e-4, rtol=1e-4)
 
 
 def test_shape_errors():
@@ -173,3 +180,42 @@ def test_shape_errors():
     attention(q, k, v, jnp.ones((2, 6), jnp.int32), jnp.ones((2, 6), jnp.int32))
   with pytest.raises(ValueError, match="Expected q"):
     attention(q, k[:, :, :1], v, jnp.ones((2, 8), jnp.int32), jnp.ones((2, 6), jnp.int32))
+
+
+def _count_primitive(jaxpr, name):
+  from jax.extend import core as jcore  # pylint: disable=import-outside-toplevel
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name == name
+    for p in eqn.params.values():
+      for sub in p if isinstance(p, (list, tuple)) else [p]:
+        if isinstance(sub, jcore.ClosedJaxpr):
+          n += _count_primitive(sub.jaxpr, name)
+        elif isinstance(sub, jcore.Jaxpr):
+          n += _count_primitive(sub, name)
+  return n
+
+
+def test_save_attention_remat_keeps_attention_out_of_the_recompute():
+  """dit.remat='save_attention' saves the blockwise (and splash) output and log-sum-exp: the backward pass
+  recomputes what feeds attention but not attention's own forward loops, and the gradients are unchanged."""
+  from sora_jax.models import dit  # pylint: disable=import-outside-toplevel
+  q, k, v = _qkv(40, 40)
+  seg = jnp.ones((2, 40), jnp.int32)
+
+  def f(q, k, v):
+    out = attention(jnp.sin(q), k, v, seg, seg, backend="blockwise", block_q=16, block_kv=16)
+    return jnp.sum(jnp.tanh(out))
+
+  scans, grads = {}, {}
+  for policy in ("none", "full", "save_attention"):
+    fn = f if policy == "none" else jax.checkpoint(f, policy=dit.REMAT_POLICIES[policy])
+    g = jax.grad(fn, argnums=(0, 1, 2))
+    scans[policy] = _count_primitive(jax.make_jaxpr(g)(q, k, v).jaxpr, "scan")
+    grads[policy] = g(q, k, v)
+  # The forward is two nested loops (query blocks, key blocks); full remat runs it again in the backward.
+  assert scans["full"] >= scans["none"] + 2, scans
+  assert scans["save_attention"] <= scans["full"] - 2, scans
+  for policy in ("full", "save_attention"):
+    for g, e in zip(grads[policy], grads["none"]):
+      np.testing.assert_allclose(g, e, atol=1e-5, rtol=1e-5)
