@@ -94,3 +94,16 @@ def test_demo_frame_conditioning_starts_halfway_through_its_dit_steps():
   assert c.cond.start_step == 100
   for name in ("dit_wan1p3b", "dit_image", "dit_class_video"):
     assert _load(os.path.join(ROOT, "configs", f"{name}.py")).get_config(None).cond.start_step == 0
+
+
+def test_wan1p3b_memory_and_attention_choices_follow_the_resolution():
+  """480p keeps attention outputs through remat with splash's fused backward (the fastest estimate that fits);
+  720p, where activations decide the largest DiT that fits, keeps full remat and two-kernel splash."""
+  get = _load(os.path.join(ROOT, "configs", "dit_wan1p3b.py")).get_config
+  c = get(None)
+  assert (c.dit.remat, c.attention) == ("save_attention", "splash_fused")
+  c = get("res=720p")
+  assert (c.dit.remat, c.attention) == ("full", "auto")
+  c = get("remat=dots,attention=cudnn")
+  assert (c.dit.remat, c.attention) == ("dots", "cudnn")
+  assert get("runlocal").attention == "auto"  # runs on a laptop's CPU

@@ -161,6 +161,11 @@ class declared_splash_costs:  # pylint: disable=invalid-name
     self._lib.pl = self._pl
 
 
+def attention_costed(backend: str, kernel_costs: str) -> bool:
+  """Whether the compiler's time includes attention: XLA's own ops always, splash's kernels when declared."""
+  return backend == "xla" or (backend in ("splash", "splash_fused") and kernel_costs == "declare")
+
+
 def compile_step(config, devices):
   """Lowers and compiles `train_dit.make_train_step` for `devices`; returns the compiled executable."""
   from sora_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
@@ -259,7 +264,7 @@ def main(argv):
     report["attention_backend"] = backend
     report.update(compiler_flops_per_chip=c["flops"], compiler_bytes_accessed=c["bytes_accessed"],
                   estimated_step_s=c["seconds"],
-                  attention_costed=backend == "xla" or (backend == "splash" and _KERNEL_COSTS.value == "declare"),
+                  attention_costed=attention_costed(backend, _KERNEL_COSTS.value),
                   layers_costed=_COST.value == "extrapolate" or not config.dit.scan_layers)
     peak = flops_lib.PEAK_FLOPS.get(kind)
     if peak and c["seconds"] > 0:

@@ -88,3 +88,11 @@ def test_declared_costs_reach_every_splash_kernel_of_a_train_step(monkeypatch):
     jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v)
   assert kernel_lib.pl is before
   assert sorted(set(seen)) == ["dkv", "dq", "fwd"], seen
+
+
+def test_which_attention_backends_are_in_the_estimated_time():
+  assert aot.attention_costed("xla", "none")
+  assert aot.attention_costed("splash", "declare") and aot.attention_costed("splash_fused", "declare")
+  assert not aot.attention_costed("splash", "none") and not aot.attention_costed("splash_fused", "none")
+  # Blockwise attention is a scan body, which the compiler costs once per layer, not once per block.
+  assert not aot.attention_costed("blockwise", "declare")
