@@ -8,7 +8,8 @@ is ShapeDtypeStructs sharded like `mesh.global_batch`; libtpu's compiler sees th
 `jax.experimental.topologies`. Prints per-chip memory (arguments, outputs, temporaries, total vs HBM), the
 analytic FLOPs, and the compiler's cost estimate. A `lax.scan` body is costed once by the compiler, so with
 `--cost=extrapolate` (default) FLOPs and time come from two extra compiles with 1 and 2 unrolled layers:
-cost(depth) = c1 + (depth - 1) * (c2 - c1). A Pallas kernel (splash attention) has no cost estimate and counts
+cost(depth) = c1 + (depth - 1) * (c2 - c1), with XLA's windowed einsum off (its loops over shards would also
+be costed once; see COST_COMPILER_OPTIONS). A Pallas kernel (splash attention) has no cost estimate and counts
 as zero unless `--kernel_costs=declare` (default): then every splash kernel (forward, dq, dkv) is given a
 declared cost while compiling, the FLOPs of its matmuls (forward 4 H Lq Lk D; dq 6, recomputing the scores;
 dkv 8, or 10 when it also forms dq) and the bytes it moves (q, k, v, the outputs, and k, v read again for
@@ -166,7 +167,15 @@ def attention_costed(backend: str, kernel_costs: str) -> bool:
   return backend == "xla" or (backend in ("splash", "splash_fused") and kernel_costs == "declare")
 
 
-def compile_step(config, devices):
+# The cost compiles turn off XLA's windowed einsum (collective matmul): on larger meshes it splits an
+# all-gather or reduce-scatter and its matmul into a while loop over shards, and the cost model counts a loop
+# body once, so those matmuls would count for one shard only (on v5p-64 the 1-layer step read 6.3e12 FLOPs
+# per chip against 1.1e13 on v5p-8 for the same per-chip work). Without it every matmul is counted and the
+# collectives are not overlapped with them: an estimate on the safe side of the real program.
+COST_COMPILER_OPTIONS = {"xla_jf_spmd_threshold_for_windowed_einsum_mib": 1_000_000}
+
+
+def compile_step(config, devices, compiler_options=None):
   """Lowers and compiles `train_dit.make_train_step` for `devices`; returns the compiled executable."""
   from sora_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from sora_jax.train import train_dit  # pylint: disable=g-import-not-at-top
@@ -175,7 +184,8 @@ def compile_step(config, devices):
   costs = declared_splash_costs() if _KERNEL_COSTS.value == "declare" else contextlib.nullcontext()
   with mesh_lib.use(mesh, mesh_lib.DIT_RULES), costs:
     step = train_dit.make_train_step(config, created.graphdef, tx, created.shardings)
-    return step.lower(created.state, abstract_batch(config, mesh)).compile(), created
+    lowered = step.lower(created.state, abstract_batch(config, mesh))
+    return lowered.compile(compiler_options=compiler_options), created
 
 
 def cost(compiled) -> dict:
@@ -202,7 +212,7 @@ def extrapolated_cost(config, devices) -> dict:
   for depth in (1, 2):
     c = config.copy_and_resolve_references()
     c.dit.depth, c.dit.scan_layers = depth, False
-    costs.append(cost(compile_step(c, devices)[0]))
+    costs.append(cost(compile_step(c, devices, COST_COMPILER_OPTIONS)[0]))
   depth = config.dit.depth
   return {k: costs[0][k] + (depth - 1) * (costs[1][k] - costs[0][k]) for k in costs[0]}
 
