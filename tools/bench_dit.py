@@ -115,8 +115,11 @@ def make_config(*, width=384, heads=6, layers=12, mlp=1536, channels=16, latent=
   # Text states come precomputed in the batch; the encoder that must exist is the bare byte embedding.
   c.text.update(encoder="trainable", tokenizer="bytes", depth=0, width=text_dim, num_heads=heads,
                 max_len=text_tokens)
+  # Wan's block layout: one modulation projection shared by all blocks plus a table per block, and the text
+  # projected to the DiT's width once.
   c.dit.update(width=width, depth=layers, num_heads=heads, mlp_ratio=mlp / width, patch_size=tuple(patch),
-               qk_norm=True, scan_layers=True, scan_unroll=layers, remat="none", dtype="float32")
+               qk_norm=True, scan_layers=True, scan_unroll=layers, remat="none", dtype="float32",
+               shared_modulation=True, text_proj=True)
   tokens = 1
   for s, p in zip(latent, patch):
     if s % p:
