@@ -108,7 +108,8 @@ def splash_kernel_cost(name: str, args, out_shape, grid) -> tuple[int, int, int]
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  arrays = [a for a in args if hasattr(a, "shape") and len(a.shape) == 3 and jax.numpy.issubdtype(a.dtype, jax.numpy.floating)]
+  arrays = [a for a in args
+            if hasattr(a, "shape") and len(a.shape) == 3 and jax.numpy.issubdtype(a.dtype, jax.numpy.floating)]
   q, k = arrays[0], arrays[1]
   h, lq, d = q.shape
   lk = k.shape[1]
