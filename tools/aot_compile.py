@@ -243,7 +243,8 @@ def main(argv):
   devices = topologies.get_topology_desc(platform="tpu", topology_name=name).devices
   sizes = mesh_lib.mesh_shape(config.mesh, len(devices))
   report = {"topology": name, "chips": len(devices), "device_kind": devices[0].device_kind,
-            "mesh": dict(zip(mesh_lib.AXES, sizes)), "attention": config.attention, "hbm_bytes": hbm}
+            "mesh": dict(zip(mesh_lib.AXES, sizes)), "attention": config.attention, "remat": config.dit.remat,
+            "cost": _COST.value, "kernel_costs": _KERNEL_COSTS.value, "hbm_bytes": hbm}
   try:
     compiled, created = compile_step(config, devices)
   except Exception as e:  # pylint: disable=broad-except
