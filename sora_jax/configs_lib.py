@@ -230,8 +230,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.train_dit.max_segments < 1:
     _fail("train_dit.max_segments", config.train_dit.max_segments, "must be at least 1")
   _positive(config, "sample.steps")
-  if config.attention not in ("auto", "xla", "blockwise", "cudnn", "splash", "splash_fused"):
-    _fail("attention", config.attention,
-          "unknown backend; choose auto, xla, blockwise, cudnn, splash or splash_fused")
+  from sora_jax.models import attention as attention_lib  # noqa: PLC0415 (keeps config parsing import-light)
+  if config.attention not in attention_lib.BACKENDS:
+    *rest, last = attention_lib.BACKENDS
+    _fail("attention", config.attention, f"unknown backend; choose {', '.join(rest)} or {last}")
   if not math.isfinite(config.sample.guidance) or config.sample.guidance < 0:
     _fail("sample.guidance", config.sample.guidance, "must be a finite non-negative number")

@@ -248,8 +248,8 @@ def _splash_attention(q, k, v, q_segment_ids, kv_segment_ids, block_q, block_kv,
   """
   if _target_platform() != "tpu" and not interpret:
     raise ValueError(
-        f"attention backend {'splash_fused' if fused_bwd else 'splash'!r} needs a TPU, but the target platform is "
-        f"{_target_platform()!r}; use backend='xla', 'blockwise' or 'auto'.")
+        f"attention backend {'splash_fused' if fused_bwd else 'splash'!r} needs a TPU, but the target "
+        f"platform is {_target_platform()!r}; use backend='xla', 'blockwise' or 'auto'.")
   # Imported here: the Pallas TPU ops are only needed (and tested) on TPU.
   from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
 

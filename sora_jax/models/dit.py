@@ -93,6 +93,11 @@ def decode_variant(variant: str) -> dict:
   return dict(width=width, depth=depth, num_heads=heads, patch=int(patch))
 
 
+def _gate_bias(gate_init: float) -> jax.Array:
+  """[6, 1] starting bias of the modulation projection: zero, except the two residual gates at `gate_init`."""
+  return jnp.zeros((6, 1), jnp.float32).at[jnp.array([2, 5])].set(gate_init)
+
+
 class DiTBlock(nnx.Module):
   """adaLN-Zero block: modulated self-attention, cross-attention to text (optional), modulated MLP."""
 
@@ -117,9 +122,8 @@ class DiTBlock(nnx.Module):
       self.ada = None
       self.ada_table = nnx.Param(jnp.zeros((6, dim), jnp.float32), out_sharding=(None, "embed"))
     else:
-      gates = jnp.zeros((6, 1), jnp.float32).at[jnp.array([2, 5])].set(gate_init)
-      self.ada = layers.Dense(dim, (6, dim), ("cond", None, "embed"), zero_init=True, bias_init=gates,
-                              rngs=rngs)
+      self.ada = layers.Dense(dim, (6, dim), ("cond", None, "embed"), zero_init=True,
+                              bias_init=_gate_bias(gate_init), rngs=rngs)
       self.ada_table = None
 
   def __call__(self, x, cond, seg, rope, text, text_seg, cond_ids=None, loc_ids=None):
@@ -184,9 +188,8 @@ class DiT(nnx.Module):
       self.text_pool = layers.Dense(text_dim, width, ("embed", "cond"), rngs=rngs)
     # Shared modulation (adaLN-single) and the text projection: see the module docstring.
     if shared_modulation:
-      gates = jnp.zeros((6, 1), jnp.float32).at[jnp.array([2, 5])].set(gate_init)
       self.shared_ada = layers.Dense(width, (6, width), ("cond", None, "embed"), zero_init=True,
-                                     bias_init=gates, rngs=rngs)
+                                     bias_init=_gate_bias(gate_init), rngs=rngs)
     else:
       self.shared_ada = None
     if text_proj and cross_attention and not num_classes:

@@ -244,9 +244,9 @@ def evaluate_vae(config, workdir: str, mesh, *, out_dir: str | None = None) -> d
 
   Returns {"synthetic": {...}, "real": {...}, "real/<clip>": {...}, "synthetic_attributes": {...}}, the last
   the scorer's accuracy on the synthetic reconstructions against their labels (`scorer.prompt_adherence`):
-  the most a DiT on these latents can show of each attribute (ground-truth pixels score 1.0); writes `<out_dir>/<name>.mp4` with the
-  input (left) next to the reconstruction (right). Sizes: `config.data.heldout_size` for both sets
-  (`config.eval.real_size` overrides it for the real clips).
+  the most a DiT on these latents can show of each attribute (ground-truth pixels score 1.0). Writes
+  `<out_dir>/<name>.mp4` with the input (left) next to the reconstruction (right). Sizes:
+  `config.data.heldout_size` for both sets (`config.eval.real_size` overrides it for the real clips).
   """
   graphdef, params, rest = restore(config, workdir, mesh)
   encode, decode = make_encode_fn(graphdef, mesh), make_decode_fn(graphdef, mesh)
