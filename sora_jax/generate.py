@@ -176,6 +176,11 @@ def _first_source(p):
   return next(k for k in _MODE_SOURCES[p["mode"]] if k in p)
 
 
+def prefix_pixel_frames(latent_frames: int, stride: int) -> int:
+  """Pixel frames behind the first `latent_frames` latents of a clip (the causal VAE's first latent is 1 frame)."""
+  return 1 + stride * (latent_frames - 1) if latent_frames > 0 else 0
+
+
 def condition_clips(p: dict, num_latent: int, stride: int, where: str) -> list[tuple]:
   """What to encode for a prompt: [(pixels [T, H, W, 3], first latent kept, latent position)].
 
@@ -211,7 +216,7 @@ def condition_clips(p: dict, num_latent: int, stride: int, where: str) -> list[t
       out.append((np.repeat(first, 1 + stride, axis=0), 1, num_latent - 1))
     return out
   if prefix:  # the end of the given clip starts the new video
-    out.append((take("video", load("video"), 1 + stride * (prefix - 1), True), 0, 0))
+    out.append((take("video", load("video"), prefix_pixel_frames(prefix, stride), True), 0, 0))
   if suffix:  # the start of the given clip ends it
     key = "video_end" if mode == "connect" else "video"
     out.append((take(key, load(key), 1 + stride * suffix, False), 1, num_latent - suffix))

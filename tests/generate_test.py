@@ -136,6 +136,21 @@ def test_every_mode_pins_its_given_frames(setup):
   np.testing.assert_allclose(out, ref, atol=1e-4)
 
 
+def test_extension_takes_the_frames_behind_its_context_latents():
+  # A 2x temporal VAE: 9 frames -> 5 latents; k given latents stand for the clip's last 1 + 2 (k - 1) frames.
+  clip = np.arange(9, dtype=np.uint8)[:, None, None, None] * np.ones((9, 8, 8, 3), np.uint8)
+  for k, frames in [(1, 1), (2, 3), (3, 5), (4, 7)]:
+    assert generate.prefix_pixel_frames(k, 2) == frames
+    p = dict(mode="extend_forward", video=clip, frames=9, height=8, width=8, context_frames=k)
+    (given, keep, pos), = generate.condition_clips(p, 5, 2, "prompt 0")
+    assert (keep, pos) == (0, 0)
+    np.testing.assert_allclose(given[:, 0, 0, 0], np.arange(9 - frames, 9) / 127.5 - 1, atol=1e-6)
+  assert generate.prefix_pixel_frames(0, 2) == 0
+  with pytest.raises(ValueError, match="nothing is left to generate"):
+    generate.condition_clips(dict(mode="extend_forward", video=clip, frames=9, height=8, width=8,
+                                  context_frames=5), 5, 2, "prompt 0")
+
+
 def _write(tmp_path, lines):
   path = tmp_path / "prompts.jsonl"
   path.write_text("\n".join(lines) + "\n")

@@ -9,7 +9,9 @@ r"""Quality against steps: prompt adherence of held-out prompts per solver and s
 2. With --cond_modes: held-out clips condition the sampler (i2v: their first frame; extend_forward: their
    last frames; extend_forward_half: the last frames of their first half) with their own caption; the
    scorer's colour and direction of each generated video are compared with the conditioning clip's labels
-   (the first solver and step count of the lists).
+   (the first solver and step count of the lists). Extension modes are scored twice: the whole video, whose
+   first frames are the given ones, and `continuation`, the last given frame and every frame generated after
+   it (whether the new frames keep going). `--context_frames` sets how many latent frames they are given.
 The last line printed is one JSON object with all figures.
 """
 import json
@@ -31,6 +33,8 @@ _STEPS = flags.DEFINE_list("steps", ["10", "25", "50"], "Step counts to compare.
 _NUM = flags.DEFINE_integer("num_prompts", None, "Held-out prompts (default: sample.num_heldout_prompts).")
 _COND = flags.DEFINE_list("cond_modes", [], "Conditioned modes to score: i2v, extend_forward, "
                           "extend_forward_half.")
+_CONTEXT = flags.DEFINE_integer("context_frames", None, "Latent frames the extension modes are given (default: the "
+                               "sampler's, half the clip's latent frames).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 COND_ATTRIBUTES = ("color", "direction")
@@ -47,7 +51,7 @@ COND_MODES = {
 def main(argv):
   del argv
   import jax  # pylint: disable=import-outside-toplevel
-  from sora_jax import generate  # pylint: disable=import-outside-toplevel
+  from sora_jax import configs_lib, generate  # pylint: disable=import-outside-toplevel
   from sora_jax.data import synthetic  # pylint: disable=import-outside-toplevel
   from sora_jax.eval import scorer  # pylint: disable=import-outside-toplevel
   from sora_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
@@ -79,6 +83,7 @@ def main(argv):
     src = synthetic.SyntheticVideos(n, [size], split="heldout", seed=config.seed + 101)
     clips = [src[i] for i in range(n)]
     cond_labels = [c["labels"] for c in clips]
+    stride, _ = configs_lib.vae_strides(config.vae)
     # What the scorer reads from the conditioning clips themselves: the ceiling for the modes below.
     result["cond"] = {"solver": solver, "steps": steps, "attributes": COND_ATTRIBUTES,
                       "clips": scorer.prompt_adherence([c["video"] for c in clips], cond_labels, COND_ATTRIBUTES)}
@@ -87,11 +92,17 @@ def main(argv):
       if given is None:
         raise app.UsageError(f"--cond_modes: {mode!r} is not scored; choose from {sorted(COND_MODES)}")
       sample_mode, field, cut = given
+      extra = {"context_frames": _CONTEXT.value} if _CONTEXT.value and sample_mode == "extend_forward" else {}
       cond_prompts = [dict(caption=c["caption"], mode=sample_mode, frames=size[0], height=size[1], width=size[2],
-                           seed=i, **{field: cut(c["video"])}) for i, c in enumerate(clips)]
-      videos, _ = generate.generate_with(config, models, mesh, cond_prompts, steps=steps, solver=solver,
-                                         write_files=False)
+                           seed=i, **extra, **{field: cut(c["video"])}) for i, c in enumerate(clips)]
+      videos, records = generate.generate_with(config, models, mesh, cond_prompts, steps=steps, solver=solver,
+                                               write_files=False)
       result["cond"][mode] = scorer.prompt_adherence(videos, cond_labels, COND_ATTRIBUTES)
+      if sample_mode == "extend_forward":
+        # The continuation alone: the last given frame and every generated frame after it.
+        new = [v[generate.prefix_pixel_frames(len(r["given_latent_frames"]), stride) - 1:] for v, r in zip(videos, records)]
+        result["cond"][mode]["generated_frames"] = len(new[0]) - 1
+        result["cond"][mode]["continuation"] = scorer.prompt_adherence(new, cond_labels, COND_ATTRIBUTES)
       print(json.dumps({mode: result["cond"][mode]}), flush=True)
   print(json.dumps(result))
 
