@@ -97,9 +97,13 @@ def get_config(arg=None):
   c.cond = dict(mask_ratios=dict(none=0.5, first=0.1, last=0.05, first_last=0.05, prefix=0.15, suffix=0.05,
                                  random=0.1), start_step=dit_steps // 2)
   # 128 held-out prompts: one standard error of an accuracy near 0.3 is 0.04 (0.08 at 32), about 10 s more.
+  # use_ema=False: the demo samples the trained weights, not their EMA. Over 2,000 steps an EMA at 0.999
+  # (a 1,000-step average) lags a model still learning direction: on nine demo workdirs the raw weights
+  # followed direction on 0.57 of held-out prompts on average against 0.50 (better on eight, 0.01 worse on
+  # one; experiments/tiny_t2v/README.md). The EMA is still kept in the checkpoint for comparison.
   c.sample = dict(
       steps=25, solver="euler", guidance=4.0, num_heldout_prompts=128, prompts_file="", batch_size=16,
-      use_ema=True, guidance_image=1.0, guidance_interval=(0.0, 1.0), negative_prompt="")
+      use_ema=False, guidance_image=1.0, guidance_interval=(0.0, 1.0), negative_prompt="")
   c.eval = dict(num_vae_clips=32, val_samples=64, val_timesteps=(0.1, 0.3, 0.5, 0.7, 0.9), fvd_clips=0)
 
   if arg.runlocal:

@@ -8,13 +8,18 @@ two deepest downsamples, 16 latent channels, 4x8x8); ours in `--layout=wan`, Wan
 default), or `--layout=default`, sora_jax's own resampling blocks (about 25% more FLOPs). Each (implementation, size) runs in its own process;
 time is the best of `--repeats` after one warm-up pass (JAX's compile excluded) and `peak_rss_mb` is the
 process's peak RSS during the timed passes (the high-water mark is reset after the warm-up, so XLA's
-compile does not count; `lifetime_peak_rss_mb` includes it). Ours encodes and decodes chunked (first frame alone, then one latent frame per chunk), as
+compile does not count; `lifetime_peak_rss_mb` includes it). Before the timed passes both sides return the heap
+pages freed so far to the kernel (`--trim=1`, the default: glibc keeps large freed blocks mapped, so the
+compiler's and the warm-up's leftovers would otherwise count as the pass's memory); ours also reports its RSS
+after start-up, with weights, and after compiling. Ours encodes and decodes chunked (first frame alone, then one latent frame per chunk), as
 diffusers does. The ref venv needs torch (CPU) and diffusers; with `--ref_python=''` only ours runs.
 Ours also reports XLA's compiled memory analysis (`xla_argument_mb`, `xla_temp_mb`); `--memory_analysis`
 reports only that, compiling without running (a minute instead of several).
 Last line: one JSON object with `time_ratio` and `peak_memory_ratio` (ours / peer, at the first size).
 """
 import argparse
+import ctypes
+import gc
 import json
 import os
 import resource
@@ -39,16 +44,38 @@ def _pass_peak_rss_mb() -> float:
     return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024.0
 
 
-def _time(fn, repeats: int) -> dict:
-  """Best-of-`repeats` seconds after one warm-up, and the peak RSS of the timed passes alone."""
+def _rss_mb() -> float:
+  with open("/proc/self/status") as f:
+    return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024.0
+
+
+def _trim_heap() -> None:
+  """Hands the allocator's freed pages back to the kernel (glibc keeps large freed blocks mapped)."""
+  gc.collect()
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):  # not glibc: nothing to trim
+    pass
+
+
+def _time(fn, repeats: int, trim: bool) -> dict:
+  """Best-of-`repeats` seconds after one warm-up, and the peak RSS of the timed passes alone.
+
+  With `trim`, heap pages freed before the timed passes (compiler and warm-up leftovers that glibc keeps
+  mapped) go back to the kernel first, on both sides alike, so the peak counts what a pass itself holds.
+  """
   fn()
+  before = _rss_mb()
+  if trim:
+    _trim_heap()
+  out = {"rss_after_warmup_mb": before, "rss_before_timed_mb": _rss_mb()}
   _reset_peak_rss()
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t0)
-  return {"seconds": min(times), "peak_rss_mb": _pass_peak_rss_mb(), "lifetime_peak_rss_mb": _peak_rss_mb()}
+  return {"seconds": min(times), "peak_rss_mb": _pass_peak_rss_mb(), "lifetime_peak_rss_mb": _peak_rss_mb(), **out}
 
 
 def run_ours(args, t, h, w) -> dict:
@@ -57,6 +84,8 @@ def run_ours(args, t, h, w) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from sora_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
+  jax.block_until_ready(jnp.zeros(()))
+  stages = {"rss_runtime_mb": _rss_mb()}  # the interpreter, jax and XLA's CPU client
   with nnx.use_eager_sharding(False):
     model = nnx.jit(lambda: vae_lib.VAE(
         base_channels=args.base, channel_mults=(1, 2, 4, 4), num_res_blocks=2,
@@ -72,12 +101,15 @@ def run_ours(args, t, h, w) -> dict:
     return m.decode(mean, chunk=chunk)
 
   x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, t, h, w, 3)).astype(np.float32))
+  stages["rss_with_weights_mb"] = _rss_mb()
   compiled = encode_decode.lower(state, x).compile()
+  stages["rss_after_compile_mb"] = _rss_mb()
   ma = compiled.memory_analysis()
-  memory = {"xla_argument_mb": ma.argument_size_in_bytes / 2**20, "xla_temp_mb": ma.temp_size_in_bytes / 2**20}
+  memory = {"xla_argument_mb": ma.argument_size_in_bytes / 2**20, "xla_temp_mb": ma.temp_size_in_bytes / 2**20,
+            **stages}
   if args.memory_analysis:
     return memory
-  return {**_time(lambda: jax.block_until_ready(compiled(state, x)), args.repeats), **memory}
+  return {**_time(lambda: jax.block_until_ready(compiled(state, x)), args.repeats, args.trim), **memory}
 
 
 def run_peer(args, t, h, w) -> dict:
@@ -93,7 +125,7 @@ def run_peer(args, t, h, w) -> dict:
       mean = model.encode(x).latent_dist.mean
       return model.decode(mean).sample
 
-  return _time(encode_decode, args.repeats)
+  return _time(encode_decode, args.repeats, args.trim)
 
 
 def main():
@@ -105,6 +137,8 @@ def main():
   p.add_argument("--layout", default="wan", choices=["wan", "default"],
                  help="ours: 'wan' is Wan2.1's exact architecture (the peer's); 'default' is sora_jax's own")
   p.add_argument("--ref_python", default="/tmp/refvenv/bin/python")
+  p.add_argument("--trim", type=int, default=1, help="1: return freed heap pages to the kernel after the warm-up, "
+                 "on both sides, before the peak RSS of the timed passes is taken; 0: as left by the warm-up")
   p.add_argument("--worker", default="", help="internal: ours|peer:TxHxW")
   p.add_argument("--memory_analysis", action="store_true",
                  help="only compile ours and report XLA's memory analysis (arguments, temporaries) per size")
@@ -117,7 +151,7 @@ def main():
     return
 
   common = ["--base", str(args.base), "--repeats", str(args.repeats), "--chunk", str(args.chunk),
-            "--layout", args.layout]
+            "--layout", args.layout, "--trim", str(args.trim)]
   if args.memory_analysis:
     common.append("--memory_analysis")
   results = {}
@@ -130,7 +164,7 @@ def main():
                            capture_output=True, text=True).stdout
       results[f"{impl}/{size}"] = json.loads(out.strip().splitlines()[-1])
       print(impl, size, results[f"{impl}/{size}"], flush=True)
-  summary = {"base": args.base, "chunk": args.chunk, "layout": args.layout, "runs": results}
+  summary = {"base": args.base, "chunk": args.chunk, "layout": args.layout, "trim": args.trim, "runs": results}
   for size in args.sizes.split(","):
     if f"peer/{size}" in results:
       ours, peer = results[f"ours/{size}"], results[f"peer/{size}"]
