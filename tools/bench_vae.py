@@ -1,6 +1,6 @@
 r"""Encode + decode time and peak memory: sora_jax's VAE vs diffusers `AutoencoderKLWan`, side by side.
 
-  JAX_PLATFORMS=cpu PYTHONPATH=. .venv/bin/python tools/bench_vae.py --ref_python=/tmp/refvenv/bin/python \
+  JAX_PLATFORMS=cpu PYTHONPATH=. .venv/bin/python tools/bench_vae.py --ref_python=/tmp/parityvenv/bin/python \
       --base=96 --sizes=17x128x128,33x128x128
 
 Both models: random weights, Wan2.1's shape (base `--base`, mults 1/2/4/4, 2 res blocks, time halved at the
@@ -84,6 +84,8 @@ def run_ours(args, t, h, w) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from sora_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
+  if args.fold_taps == "never":  # A/B of the conv formulation: every conv one 2D conv per time tap
+    vae_lib.fold_time_taps = lambda kernel_shape, pixels_per_call: False
   jax.block_until_ready(jnp.zeros(()))
   stages = {"rss_runtime_mb": _rss_mb()}  # the interpreter, jax and XLA's CPU client
   with nnx.use_eager_sharding(False):
@@ -136,7 +138,10 @@ def main():
   p.add_argument("--chunk", type=int, default=1, help="latent frames per chunk (0: full pass)")
   p.add_argument("--layout", default="wan", choices=["wan", "default"],
                  help="ours: 'wan' is Wan2.1's exact architecture (the peer's); 'default' is sora_jax's own")
-  p.add_argument("--ref_python", default="/tmp/refvenv/bin/python")
+  p.add_argument("--fold_taps", default="auto", choices=["auto", "never"],
+                 help="ours: 'auto' folds the time taps of wide low-resolution convs into one conv "
+                 "(vae.fold_time_taps); 'never' runs every conv one 2D conv per tap (for A/B)")
+  p.add_argument("--ref_python", default="/tmp/parityvenv/bin/python")
   p.add_argument("--trim", type=int, default=1, help="1: return freed heap pages to the kernel after the warm-up, "
                  "on both sides, before the peak RSS of the timed passes is taken; 0: as left by the warm-up")
   p.add_argument("--worker", default="", help="internal: ours|peer:TxHxW")
@@ -151,7 +156,7 @@ def main():
     return
 
   common = ["--base", str(args.base), "--repeats", str(args.repeats), "--chunk", str(args.chunk),
-            "--layout", args.layout, "--trim", str(args.trim)]
+            "--layout", args.layout, "--trim", str(args.trim), "--fold_taps", args.fold_taps]
   if args.memory_analysis:
     common.append("--memory_analysis")
   results = {}
@@ -164,7 +169,8 @@ def main():
                            capture_output=True, text=True).stdout
       results[f"{impl}/{size}"] = json.loads(out.strip().splitlines()[-1])
       print(impl, size, results[f"{impl}/{size}"], flush=True)
-  summary = {"base": args.base, "chunk": args.chunk, "layout": args.layout, "trim": args.trim, "runs": results}
+  summary = {"base": args.base, "chunk": args.chunk, "layout": args.layout, "trim": args.trim,
+             "fold_taps": args.fold_taps, "runs": results}
   for size in args.sizes.split(","):
     if f"peer/{size}" in results:
       ours, peer = results[f"ours/{size}"], results[f"peer/{size}"]

@@ -20,6 +20,7 @@ mapping those names to mesh axes (or `None`), or under `nnx.use_eager_sharding(F
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -64,6 +65,18 @@ def conv_frames_per_call(t_out: int) -> int:
   return 1 if jax.default_backend() == "cpu" else t_out
 
 
+def fold_time_taps(kernel_shape: Sequence[int], pixels_per_call: int) -> bool:
+  """Whether a conv call folds its time taps into the input channels (one 2D conv) instead of one per tap.
+
+  Per tap is faster, but each tap's kernel slice `kernel[:, :, i]` is a copy, and XLA:CPU's scheduler keeps
+  those copies alive together. Folding needs no kernel copy (the `[kh, kw, kt, cin, cout]` kernel reshapes
+  to `[kh, kw, kt * cin, cout]` for free) and copies the input taps instead. So fold where a tap's kernel
+  slice is larger than its input, i.e. the deep, wide, low-resolution convs (experiments/vae/README.md).
+  """
+  kh, kw, kt, _, cout = kernel_shape
+  return kt > 1 and kh * kw * cout > pixels_per_call
+
+
 def conv3d_time_valid(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1, 1),
                       spatial_pad: Sequence[tuple[int, int]] | None = None,
                       frames_per_call: int | None = None) -> jax.Array:
@@ -78,8 +91,10 @@ def conv3d_time_valid(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = 
   `[B * frames, H, W]`. The same lax ops lower on every backend; only the grouping differs. Measured
   against the alternatives (a 3D conv, the time taps folded into the input channels of one 2D conv, that
   fold one frame at a time, im2col) in tools/bench_vae_conv.py and tools/bench_vae.py. The cost: each
-  tap's kernel slice is a copy, and XLA:CPU's scheduler keeps them alive together, about one more copy of
-  the spatial kernels in temporaries (the per-frame fold avoids it and runs about 15% slower).
+  tap's kernel slice is a copy, and XLA:CPU's scheduler keeps them alive together. So where a tap's kernel
+  slice is larger than its input (`fold_time_taps`: the wide, low-resolution convs, which hold most of the
+  weights) the taps are folded into the input channels of one 2D conv instead, whose kernel is a free
+  reshape: Wan2.1's VAE at 128 x 128 then needs 354 MB of temporaries instead of 552.
   """
   kh, kw, kt, cin, cout = kernel.shape
   st, sh, sw = strides
@@ -95,15 +110,19 @@ def conv3d_time_valid(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = 
     spatial_pad = (((kh - 1) // 2,) * 2, ((kw - 1) // 2,) * 2)
   padding = [tuple(p) for p in spatial_pad]
   group = frames_per_call or conv_frames_per_call(t_out)
+  conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(sh, sw), padding=padding,
+                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
   outs = []
   for t0 in range(0, t_out, group):
     n = min(group, t_out - t0)
-    y = None
-    for i in range(kt):
-      xi = x[:, t0 * st + i:(t0 + n - 1) * st + i + 1:st].reshape(b * n, h, w, cin)
-      yi = jax.lax.conv_general_dilated(xi, kernel[:, :, i], window_strides=(sh, sw), padding=padding,
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-      y = yi if y is None else y + yi
+    taps = [x[:, t0 * st + i:(t0 + n - 1) * st + i + 1:st].reshape(b * n, h, w, cin) for i in range(kt)]
+    if fold_time_taps(kernel.shape, b * n * h * w):
+      y = conv(jnp.concatenate(taps, axis=-1), kernel.reshape(kh, kw, kt * cin, cout))
+    else:
+      y = None
+      for i, xi in enumerate(taps):
+        yi = conv(xi, kernel[:, :, i])
+        y = yi if y is None else y + yi
     outs.append(y.reshape(b, n, *y.shape[1:]))
   return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
 

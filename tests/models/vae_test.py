@@ -71,7 +71,10 @@ def fns(model):
   return _fns(model)
 
 
-def test_causal_conv3d_matches_lax_conv3d():
+@pytest.mark.parametrize("fold", [False, True])
+def test_causal_conv3d_matches_lax_conv3d(monkeypatch, fold):
+  """Both formulations (one 2D conv per time tap, or the taps folded into the input channels) are exact."""
+  monkeypatch.setattr(vae_lib, "fold_time_taps", lambda kernel_shape, pixels_per_call: fold)
   x = _video((2, 5, 8, 8, 4))
   for kernel_shape, strides in [((3, 3, 3), (1, 1, 1)), ((3, 3, 3), (2, 2, 2)), ((1, 1, 1), (1, 1, 1)),
                                 ((3, 1, 1), (1, 1, 1))]:
@@ -83,6 +86,18 @@ def test_causal_conv3d_matches_lax_conv3d():
         dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
     got = vae_lib.causal_conv3d(x, jnp.transpose(kernel, (1, 2, 0, 3, 4)), strides)  # stored [kh, kw, kt, ...]
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4, err_msg=str((kernel_shape, strides)))
+
+
+def test_wide_low_resolution_convs_fold_their_time_taps():
+  """Fold where a tap's kernel slice outgrows its input: Wan2.1's 384-channel convs at 32 x 32 and below fold,
+  its 96- and 192-channel convs at 128 x 128 and 64 x 64 run per tap (one frame per call, batch 1)."""
+  assert vae_lib.fold_time_taps((3, 3, 3, 384, 384), 32 * 32)
+  assert vae_lib.fold_time_taps((3, 3, 3, 384, 384), 16 * 16)
+  assert not vae_lib.fold_time_taps((3, 3, 3, 192, 192), 64 * 64)
+  assert not vae_lib.fold_time_taps((3, 3, 3, 96, 96), 128 * 128)
+  assert not vae_lib.fold_time_taps((3, 3, 1, 384, 384), 16 * 16)  # one tap: nothing to fold
+  # All frames in one call (accelerators): the same 384-channel conv over 21 frames runs per tap.
+  assert not vae_lib.fold_time_taps((3, 3, 3, 384, 384), 21 * 32 * 32)
 
 
 @pytest.mark.parametrize("strides", [(1, 1, 1), (2, 2, 2), (2, 1, 1)])
