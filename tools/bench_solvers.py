@@ -34,7 +34,7 @@ _NUM = flags.DEFINE_integer("num_prompts", None, "Held-out prompts (default: sam
 _COND = flags.DEFINE_list("cond_modes", [], "Conditioned modes to score: i2v, extend_forward, "
                           "extend_forward_half.")
 _CONTEXT = flags.DEFINE_integer("context_frames", None, "Latent frames the extension modes are given (default: the "
-                               "sampler's, half the clip's latent frames).")
+                               "sampler's, half the clip's latent frames).", lower_bound=1)
 flags.mark_flags_as_required(["config", "workdir"])
 
 COND_ATTRIBUTES = ("color", "direction")
@@ -92,7 +92,13 @@ def main(argv):
       if given is None:
         raise app.UsageError(f"--cond_modes: {mode!r} is not scored; choose from {sorted(COND_MODES)}")
       sample_mode, field, cut = given
-      extra = {"context_frames": _CONTEXT.value} if _CONTEXT.value and sample_mode == "extend_forward" else {}
+      extra = {}
+      if _CONTEXT.value is not None and sample_mode == "extend_forward":
+        need, have = generate.prefix_pixel_frames(_CONTEXT.value, stride), len(cut(clips[0]["video"]))
+        if need > have:
+          raise app.UsageError(f"--context_frames={_CONTEXT.value}: {mode} gives {have} frames of each clip, "
+                               f"{_CONTEXT.value} latent frames need {need}")
+        extra = {"context_frames": _CONTEXT.value}
       cond_prompts = [dict(caption=c["caption"], mode=sample_mode, frames=size[0], height=size[1], width=size[2],
                            seed=i, **extra, **{field: cut(c["video"])}) for i, c in enumerate(clips)]
       videos, records = generate.generate_with(config, models, mesh, cond_prompts, steps=steps, solver=solver,

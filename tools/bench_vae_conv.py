@@ -91,13 +91,16 @@ _TAPS = vae_lib.conv3d_time_valid  # candidates swap the module attribute; this 
 
 
 def taps_all_frames(x, kernel, strides=(1, 1, 1), spatial_pad=None):
-  """vae.py's formulation with every output frame in one call per tap (its accelerator grouping)."""
+  """vae.py's formulation with every output frame in one call (its accelerator grouping; per tap unless
+  `vae.fold_time_taps` folds)."""
   t_out = (x.shape[1] - kernel.shape[2]) // strides[0] + 1
   return _TAPS(x, kernel, strides, spatial_pad, frames_per_call=t_out)
 
 
 CANDIDATES = {
-    "taps_per_frame": _TAPS,  # the formulation vae.py uses (on CPU: a frame per call)
+    # vae.py's formulation on CPU: a frame per call, per time tap except where `vae.fold_time_taps` folds
+    # them (wide convs at low resolution, whose kernel slices would outgrow their input).
+    "taps_per_frame": _TAPS,
     "taps_all_frames": taps_all_frames,
     "fold_time_2d": fold_time_2d,
     "fold_per_frame": fold_per_frame,

@@ -96,13 +96,23 @@ def test_wide_low_resolution_convs_fold_their_time_taps():
   assert not vae_lib.fold_time_taps((3, 3, 3, 192, 192), 64 * 64)
   assert not vae_lib.fold_time_taps((3, 3, 3, 96, 96), 128 * 128)
   assert not vae_lib.fold_time_taps((3, 3, 1, 384, 384), 16 * 16)  # one tap: nothing to fold
-  # All frames in one call (accelerators): the same 384-channel conv over 21 frames runs per tap.
-  assert not vae_lib.fold_time_taps((3, 3, 3, 384, 384), 21 * 32 * 32)
+  assert not vae_lib.fold_time_taps((3, 3, 3, 384, 384), 21 * 32 * 32)  # many frames in one call
+
+  def convs(x_shape, kernel_shape):
+    jaxpr = jax.make_jaxpr(vae_lib.conv3d_time_valid)(jax.ShapeDtypeStruct(x_shape, jnp.float32),
+                                                     jax.ShapeDtypeStruct(kernel_shape, jnp.float32))
+    return sum(e.primitive.name == "conv_general_dilated" for e in jaxpr.jaxpr.eqns)
+
+  # One output frame per call: a folded conv is one 2D conv per frame, an unfolded one three.
+  assert convs((1, 3, 16, 16, 384), (3, 3, 3, 384, 384)) == 1
+  assert convs((1, 3, 128, 128, 96), (3, 3, 3, 96, 96)) == 3
 
 
+@pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("strides", [(1, 1, 1), (2, 2, 2), (2, 1, 1)])
-def test_conv_frame_grouping_does_not_change_the_result(strides):
+def test_conv_frame_grouping_does_not_change_the_result(monkeypatch, strides, fold):
   """One output frame per conv call (CPU), all in one call (accelerators) and uneven groups agree."""
+  monkeypatch.setattr(vae_lib, "fold_time_taps", lambda kernel_shape, pixels_per_call: fold)
   x = _video((2, 9, 8, 8, 4))
   kernel = jax.random.normal(jax.random.key(2), (3, 3, 3, 4, 6))  # [kh, kw, kt, cin, cout]
   t_out = (9 - 3) // strides[0] + 1
