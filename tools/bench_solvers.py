@@ -7,7 +7,8 @@ r"""Quality against steps: prompt adherence of held-out prompts per solver and s
 1. Text-to-video: the scorer's prompt adherence (`sora_jax/eval/scorer.py`) of the held-out prompts for each
    solver x steps, with the model calls per video (Heun makes 2N - 1) and wall time.
 2. With --cond_modes: held-out clips condition the sampler (i2v: their first frame; extend_forward: their
-   last frames; extend_forward_half: the last frames of their first half) with their own caption; the
+   last frames; extend_forward_half: the last frames of their first half; extend_backward: their first
+   frames; extend_backward_half: the first frames of their second half) with their own caption; the
    scorer's colour and direction of each generated video are compared with the conditioning clip's labels
    (the first solver and step count of the lists). Extension modes are scored twice: the whole video, whose
    first frames are the given ones, and `continuation`, the last given frame and every frame generated after
@@ -32,7 +33,7 @@ _SOLVERS = flags.DEFINE_list("solvers", ["euler", "heun", "dpmpp_2m"], "Flow sol
 _STEPS = flags.DEFINE_list("steps", ["10", "25", "50"], "Step counts to compare.")
 _NUM = flags.DEFINE_integer("num_prompts", None, "Held-out prompts (default: sample.num_heldout_prompts).")
 _COND = flags.DEFINE_list("cond_modes", [], "Conditioned modes to score: i2v, extend_forward, "
-                          "extend_forward_half.")
+                          "extend_forward_half, extend_backward, extend_backward_half.")
 _CONTEXT = flags.DEFINE_integer("context_frames", None, "Latent frames the extension modes are given (default: the "
                                "sampler's, half the clip's latent frames).", lower_bound=1)
 flags.mark_flags_as_required(["config", "workdir"])
@@ -40,12 +41,16 @@ flags.mark_flags_as_required(["config", "workdir"])
 COND_ATTRIBUTES = ("color", "direction")
 # Scored conditioned modes: (sampling mode, prompt field, what of the held-out clip is given). `extend_forward` continues from
 # the clip's last frames, where its shape has finished its travel; `extend_forward_half` from the end of its
-# first half, mid-travel.
+# first half, mid-travel. `extend_backward` generates what came before the clip's first frames, where its
+# shape starts its travel; `extend_backward_half` what came before the start of its second half.
 COND_MODES = {
     "i2v": ("i2v", "image", lambda v: v[0]),
     "extend_forward": ("extend_forward", "video", lambda v: v),
     "extend_forward_half": ("extend_forward", "video", lambda v: v[:len(v) // 2]),
+    "extend_backward": ("extend_backward", "video", lambda v: v),
+    "extend_backward_half": ("extend_backward", "video", lambda v: v[len(v) // 2:]),
 }
+EXTENSIONS = ("extend_forward", "extend_backward")
 
 
 def main(argv):
@@ -93,8 +98,9 @@ def main(argv):
         raise app.UsageError(f"--cond_modes: {mode!r} is not scored; choose from {sorted(COND_MODES)}")
       sample_mode, field, cut = given
       extra = {}
-      if _CONTEXT.value is not None and sample_mode == "extend_forward":
+      if _CONTEXT.value is not None and sample_mode in EXTENSIONS:
         need, have = generate.prefix_pixel_frames(_CONTEXT.value, stride), len(cut(clips[0]["video"]))
+        need += sample_mode == "extend_backward"  # a suffix encodes one more leading frame and drops its latent
         if need > have:
           raise app.UsageError(f"--context_frames={_CONTEXT.value}: {mode} gives {have} frames of each clip, "
                                f"{_CONTEXT.value} latent frames need {need}")
@@ -104,9 +110,14 @@ def main(argv):
       videos, records = generate.generate_with(config, models, mesh, cond_prompts, steps=steps, solver=solver,
                                                write_files=False)
       result["cond"][mode] = scorer.prompt_adherence(videos, cond_labels, COND_ATTRIBUTES)
-      if sample_mode == "extend_forward":
-        # The continuation alone: the last given frame and every generated frame after it.
-        new = [v[generate.prefix_pixel_frames(len(r["given_latent_frames"]), stride) - 1:] for v, r in zip(videos, records)]
+      if sample_mode in EXTENSIONS:
+        # The continuation alone: the generated frames and the given frame next to them (forward: the last
+        # given frame and every frame after it; backward: every frame before the first given one, and it).
+        if sample_mode == "extend_forward":
+          new = [v[generate.prefix_pixel_frames(len(r["given_latent_frames"]), stride) - 1:]
+                 for v, r in zip(videos, records)]
+        else:
+          new = [v[:len(v) - stride * len(r["given_latent_frames"]) + 1] for v, r in zip(videos, records)]
         result["cond"][mode]["generated_frames"] = len(new[0]) - 1
         result["cond"][mode]["continuation"] = scorer.prompt_adherence(new, cond_labels, COND_ATTRIBUTES)
       print(json.dumps({mode: result["cond"][mode]}), flush=True)
