@@ -181,6 +181,14 @@ def prefix_pixel_frames(latent_frames: int, stride: int) -> int:
   return 1 + stride * (latent_frames - 1) if latent_frames > 0 else 0
 
 
+def suffix_pixel_frames(latent_frames: int, stride: int) -> int:
+  """Pixel frames behind the last `latent_frames` latents of a clip (each stands for `stride` frames).
+
+  A suffix is encoded from one more leading frame, whose 1-frame latent is dropped (`condition_clips`).
+  """
+  return stride * latent_frames
+
+
 def condition_clips(p: dict, num_latent: int, stride: int, where: str) -> list[tuple]:
   """What to encode for a prompt: [(pixels [T, H, W, 3], first latent kept, latent position)].
 
@@ -219,7 +227,7 @@ def condition_clips(p: dict, num_latent: int, stride: int, where: str) -> list[t
     out.append((take("video", load("video"), prefix_pixel_frames(prefix, stride), True), 0, 0))
   if suffix:  # the start of the given clip ends it
     key = "video_end" if mode == "connect" else "video"
-    out.append((take(key, load(key), 1 + stride * suffix, False), 1, num_latent - suffix))
+    out.append((take(key, load(key), 1 + suffix_pixel_frames(suffix, stride), False), 1, num_latent - suffix))
   return out
 
 

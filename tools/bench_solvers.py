@@ -39,10 +39,11 @@ _CONTEXT = flags.DEFINE_integer("context_frames", None, "Latent frames the exten
 flags.mark_flags_as_required(["config", "workdir"])
 
 COND_ATTRIBUTES = ("color", "direction")
-# Scored conditioned modes: (sampling mode, prompt field, what of the held-out clip is given). `extend_forward` continues from
-# the clip's last frames, where its shape has finished its travel; `extend_forward_half` from the end of its
-# first half, mid-travel. `extend_backward` generates what came before the clip's first frames, where its
-# shape starts its travel; `extend_backward_half` what came before the start of its second half.
+# Scored conditioned modes: (sampling mode, prompt field, what of the held-out clip is given).
+# `extend_forward` continues from the clip's last frames, where its shape has finished its travel;
+# `extend_forward_half` from the end of its first half, mid-travel. `extend_backward` generates what came
+# before the clip's first frames, where its shape starts its travel; `extend_backward_half` what came before
+# the start of its second half.
 COND_MODES = {
     "i2v": ("i2v", "image", lambda v: v[0]),
     "extend_forward": ("extend_forward", "video", lambda v: v),
@@ -99,8 +100,9 @@ def main(argv):
       sample_mode, field, cut = given
       extra = {}
       if _CONTEXT.value is not None and sample_mode in EXTENSIONS:
-        need, have = generate.prefix_pixel_frames(_CONTEXT.value, stride), len(cut(clips[0]["video"]))
-        need += sample_mode == "extend_backward"  # a suffix encodes one more leading frame and drops its latent
+        have = len(cut(clips[0]["video"]))
+        need = (generate.prefix_pixel_frames(_CONTEXT.value, stride) if sample_mode == "extend_forward"
+                else 1 + generate.suffix_pixel_frames(_CONTEXT.value, stride))
         if need > have:
           raise app.UsageError(f"--context_frames={_CONTEXT.value}: {mode} gives {have} frames of each clip, "
                                f"{_CONTEXT.value} latent frames need {need}")
@@ -117,7 +119,8 @@ def main(argv):
           new = [v[generate.prefix_pixel_frames(len(r["given_latent_frames"]), stride) - 1:]
                  for v, r in zip(videos, records)]
         else:
-          new = [v[:len(v) - stride * len(r["given_latent_frames"]) + 1] for v, r in zip(videos, records)]
+          new = [v[:len(v) - generate.suffix_pixel_frames(len(r["given_latent_frames"]), stride) + 1]
+                 for v, r in zip(videos, records)]
         result["cond"][mode]["generated_frames"] = len(new[0]) - 1
         result["cond"][mode]["continuation"] = scorer.prompt_adherence(new, cond_labels, COND_ATTRIBUTES)
       print(json.dumps({mode: result["cond"][mode]}), flush=True)

@@ -5,14 +5,16 @@ r"""Encode + decode time and peak memory: sora_jax's VAE vs diffusers `Autoencod
 
 Both models: random weights, Wan2.1's shape (base `--base`, mults 1/2/4/4, 2 res blocks, time halved at the
 two deepest downsamples, 16 latent channels, 4x8x8); ours in `--layout=wan`, Wan2.1's exact blocks (the
-default), or `--layout=default`, sora_jax's own resampling blocks (about 25% more FLOPs). Each (implementation, size) runs in its own process;
-time is the best of `--repeats` after one warm-up pass (JAX's compile excluded) and `peak_rss_mb` is the
-process's peak RSS during the timed passes (the high-water mark is reset after the warm-up, so XLA's
-compile does not count; `lifetime_peak_rss_mb` includes it). Before the timed passes both sides return the heap
-pages freed so far to the kernel (`--trim=1`, the default: glibc keeps large freed blocks mapped, so the
-compiler's and the warm-up's leftovers would otherwise count as the pass's memory); ours also reports its RSS
-after start-up, with weights, and after compiling. Ours encodes and decodes chunked (first frame alone, then one latent frame per chunk), as
-diffusers does. The ref venv needs torch (CPU) and diffusers; with `--ref_python=''` only ours runs.
+default), or `--layout=default`, sora_jax's own resampling blocks (about 25% more FLOPs). Each
+(implementation, size) runs in its own process; time is the best of `--repeats` after one warm-up pass
+(JAX's compile excluded) and `peak_rss_mb` is the process's peak RSS during the timed passes (the high-water
+mark is reset after the warm-up, so XLA's compile does not count; `lifetime_peak_rss_mb` includes it). Before
+the timed passes both sides return the
+heap pages freed so far to the kernel (`--trim=1`, the default: glibc keeps large freed blocks mapped, so
+the compiler's and the warm-up's leftovers would otherwise count as the pass's memory); ours also reports
+its RSS after start-up, with weights, and after compiling. Ours encodes and decodes chunked (first frame
+alone, then one latent frame per chunk), as diffusers does. The ref venv needs torch (CPU) and diffusers;
+with `--ref_python=''` only ours runs.
 Ours also reports XLA's compiled memory analysis (`xla_argument_mb`, `xla_temp_mb`); `--memory_analysis`
 reports only that, compiling without running (a minute instead of several).
 Last line: one JSON object with `time_ratio` and `peak_memory_ratio` (ours / peer, at the first size).
@@ -39,14 +41,18 @@ def _reset_peak_rss() -> None:
     f.write("5")
 
 
-def _pass_peak_rss_mb() -> float:
+def _status_mb(field: str) -> float:
+  """A memory field of /proc/self/status (VmRSS: now; VmHWM: peak since the last reset), in MB."""
   with open("/proc/self/status") as f:
-    return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024.0
+    return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024.0
+
+
+def _pass_peak_rss_mb() -> float:
+  return _status_mb("VmHWM")
 
 
 def _rss_mb() -> float:
-  with open("/proc/self/status") as f:
-    return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024.0
+  return _status_mb("VmRSS")
 
 
 def _trim_heap() -> None:

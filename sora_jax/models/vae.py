@@ -69,9 +69,10 @@ def fold_time_taps(kernel_shape: Sequence[int], pixels_per_call: int) -> bool:
   """Whether a conv call folds its time taps into the input channels (one 2D conv) instead of one per tap.
 
   CPU only. Per tap is faster, but each tap's kernel slice `kernel[:, :, i]` is a copy, and XLA:CPU's
-  scheduler keeps those copies alive together. Folding needs no kernel copy (the `[kh, kw, kt, cin, cout]` kernel reshapes
-  to `[kh, kw, kt * cin, cout]` for free) and copies the input taps instead. So fold where a tap's kernel
-  slice is larger than its input, i.e. the deep, wide, low-resolution convs (experiments/vae/README.md).
+  scheduler keeps those copies alive together. Folding needs no kernel copy (the `[kh, kw, kt, cin, cout]`
+  kernel reshapes to `[kh, kw, kt * cin, cout]` for free) and copies the input taps instead. So fold where a
+  tap's kernel slice is larger than its input, i.e. the deep, wide, low-resolution convs
+  (experiments/vae/README.md).
   """
   kh, kw, kt, _, cout = kernel_shape
   return jax.default_backend() == "cpu" and kt > 1 and kh * kw * cout > pixels_per_call
