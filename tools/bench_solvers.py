@@ -12,7 +12,9 @@ r"""Quality against steps: prompt adherence of held-out prompts per solver and s
    scorer's colour and direction of each generated video are compared with the conditioning clip's labels
    (the first solver and step count of the lists). Extension modes are scored twice: the whole video, whose
    first frames are the given ones, and `continuation`, the last given frame and every frame generated after
-   it (whether the new frames keep going). `--context_frames` sets how many latent frames they are given.
+   it (whether the new frames keep going), next to `continuation_true`, the same frames of the clip's true
+   past or future (its motion carried on), the ceiling. `--context_frames` sets how many latent frames they
+   are given.
 The last line printed is one JSON object with all figures.
 """
 import json
@@ -44,12 +46,13 @@ COND_ATTRIBUTES = ("color", "direction")
 # `extend_forward_half` from the end of its first half, mid-travel. `extend_backward` generates what came
 # before the clip's first frames, where its shape starts its travel; `extend_backward_half` what came before
 # the start of its second half.
+# The given part is the clip's frames [a, b) for (a, b) = window(T).
 COND_MODES = {
-    "i2v": ("i2v", "image", lambda v: v[0]),
-    "extend_forward": ("extend_forward", "video", lambda v: v),
-    "extend_forward_half": ("extend_forward", "video", lambda v: v[:len(v) // 2]),
-    "extend_backward": ("extend_backward", "video", lambda v: v),
-    "extend_backward_half": ("extend_backward", "video", lambda v: v[len(v) // 2:]),
+    "i2v": ("i2v", "image", lambda t: (0, 1)),
+    "extend_forward": ("extend_forward", "video", lambda t: (0, t)),
+    "extend_forward_half": ("extend_forward", "video", lambda t: (0, t // 2)),
+    "extend_backward": ("extend_backward", "video", lambda t: (0, t)),
+    "extend_backward_half": ("extend_backward", "video", lambda t: (t // 2, t)),
 }
 EXTENSIONS = ("extend_forward", "extend_backward")
 
@@ -97,10 +100,12 @@ def main(argv):
       given = COND_MODES.get(mode)
       if given is None:
         raise app.UsageError(f"--cond_modes: {mode!r} is not scored; choose from {sorted(COND_MODES)}")
-      sample_mode, field, cut = given
+      sample_mode, field, window = given
+      a, b = window(size[0])
+      cut = (lambda v: v[a]) if field == "image" else (lambda v: v[a:b])
       extra = {}
       if _CONTEXT.value is not None and sample_mode in EXTENSIONS:
-        have = len(cut(clips[0]["video"]))
+        have = b - a
         need = (generate.prefix_pixel_frames(_CONTEXT.value, stride) if sample_mode == "extend_forward"
                 else 1 + generate.suffix_pixel_frames(_CONTEXT.value, stride))
         if need > have:
@@ -121,8 +126,18 @@ def main(argv):
         else:
           new = [v[:len(v) - generate.suffix_pixel_frames(len(r["given_latent_frames"]), stride) + 1]
                  for v, r in zip(videos, records)]
-        result["cond"][mode]["generated_frames"] = len(new[0]) - 1
+        generated = len(new[0]) - 1
+        result["cond"][mode]["generated_frames"] = generated
         result["cond"][mode]["continuation"] = scorer.prompt_adherence(new, cond_labels, COND_ATTRIBUTES)
+        # The ceiling for `continuation`: the same frames of the clip's true past or future (its motion
+        # carried on at the same speed, `SyntheticVideos.extended`), read by the same scorer.
+        true = []
+        for i in range(n):
+          before, after = max(0, generated - a), max(0, b + generated - size[0])
+          full = src.extended(i, before, after)
+          start = before + (b - 1 if sample_mode == "extend_forward" else a - generated)
+          true.append(full[start:start + generated + 1])
+        result["cond"][mode]["continuation_true"] = scorer.prompt_adherence(true, cond_labels, COND_ATTRIBUTES)
       print(json.dumps({mode: result["cond"][mode]}), flush=True)
   print(json.dumps(result))
 

@@ -137,12 +137,13 @@ def sample_attributes(index: int, split: str = "train", seed: int = 0) -> dict[s
   return attrs
 
 
-def _trajectory(attrs, frames, height, width, extent, rng, exit_fraction=0.0):
-  """Per-frame shape centres (rows, cols) in pixel units, float [T] each.
+def _trajectory(attrs, frames, height, width, extent, rng, exit_fraction=0.0, extend=(0, 0)):
+  """Per-frame shape centres (rows, cols) in pixel units, float [extend[0] + T + extend[1]] each.
 
   With probability `exit_fraction` the travel ends past the far edge (the last centre between on the edge,
   half the shape out, and just fully outside): the clip shows the shape leaving the frame. No draw is made when
-  `exit_fraction` is 0, so those clips are exactly the in-frame ones.
+  `exit_fraction` is 0, so those clips are exactly the in-frame ones. `extend` = (before, after) adds frames
+  on either side at the clip's own speed and zigzag phase: the clip's past and future had it kept moving.
   """
   horizontal = attrs["direction"] in ("left", "right")
   sign = 1.0 if attrs["direction"] in ("right", "down") else -1.0
@@ -163,33 +164,39 @@ def _trajectory(attrs, frames, height, width, extent, rng, exit_fraction=0.0):
     end = rng.uniform(along_len, along_len + half + margin)  # distance from the start edge
     start = end - disp if sign > 0 else along_len - (end - disp)
 
-  if frames == 1:
-    progress = np.zeros(1)
-  else:
-    progress = np.arange(frames) / (frames - 1)
+  before, after = extend
+  index = np.arange(-before, frames + after)
+  if frames == 1:  # an image: no motion, so its past and future are the same frame
+    index = np.zeros_like(index)
+  progress = np.zeros(len(index)) if frames == 1 else index / (frames - 1)
   along = start + sign * disp * progress
   # Two cycles of a cosine centred on the middle frame: symmetric, so a
   # least-squares fit of the perpendicular coordinate has exactly zero slope.
   period = max(4.0, (frames - 1) / 2)
-  offset = amp * np.cos(2 * np.pi * (np.arange(frames) - (frames - 1) / 2) / period)
+  offset = amp * np.cos(2 * np.pi * (index - (frames - 1) / 2) / period)
   perp = perp + offset
   return (perp, along) if horizontal else (along, perp)
 
 
 def render(attrs: Mapping[str, str], frames: int, height: int, width: int,
-           seed: int = 0, exit_fraction: float = 0.0) -> np.ndarray:
+           seed: int = 0, exit_fraction: float = 0.0, extend: tuple[int, int] = (0, 0)) -> np.ndarray:
   """Renders the clip described by `attrs` as uint8 [frames, height, width, 3].
 
   Any size works; one frame is an image (the shape at its start position).
   The start position and speed come from `seed`; the shape travels 35-50% of
   the frame along its direction and stays inside the frame, except in the
   `exit_fraction` of clips where it leaves across the far edge.
+  `extend` = (before, after) also renders that many frames of the clip's past and future, the motion carried
+  on at the same speed (the shape may leave the frame there): [before + frames + after, H, W, 3], with
+  the clip itself at [before:before + frames]. Evaluation uses it as the true continuation of a clip.
   """
   if frames < 1 or height < 4 or width < 4:
     raise ValueError(f"bad size {(frames, height, width)}")
+  if len(extend) != 2 or min(extend) < 0:
+    raise ValueError(f"extend must be (frames before, frames after) >= 0, got {extend!r}")
   rng = _rng(seed, 2)
   extent = SIZE_FRACTION[attrs["size"]] * min(height, width)
-  rows, cols = _trajectory(attrs, frames, height, width, extent, rng, exit_fraction)
+  rows, cols = _trajectory(attrs, frames, height, width, extent, rng, exit_fraction, tuple(extend))
   rows, cols = rows.astype(np.float32), cols.astype(np.float32)
 
   # Offsets of pixel centres from the shape centre, [T, H, 1] and [T, 1, W].
@@ -267,6 +274,15 @@ class SyntheticVideos:
     video = render(attrs, frames, height, width, _clip_seed(self.seed, index, self.split),
                    self.exit_fraction)
     return dict(video=video, caption=caption(attrs), labels=labels_of(attrs), index=index)
+
+  def extended(self, index: int, before: int, after: int) -> np.ndarray:
+    """Clip `index` with `before` frames of its past and `after` of its future (see `render`'s `extend`)."""
+    index = int(index)
+    if not 0 <= index < self.num_samples:
+      raise IndexError(f"index {index} out of range [0, {self.num_samples})")
+    frames, height, width = self.size_of(index)
+    return render(sample_attributes(index, self.split, self.seed), frames, height, width,
+                  _clip_seed(self.seed, index, self.split), self.exit_fraction, (before, after))
 
   def __repr__(self) -> str:
     return (f"SyntheticVideos(num_samples={self.num_samples}, sizes={self.sizes}, "

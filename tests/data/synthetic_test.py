@@ -251,3 +251,32 @@ def test_heldout_prompts():
   assert combos == set(synthetic.HELDOUT_COMBOS)
   assert synthetic.heldout_prompts(3, seed=1)[2]["caption"] == synthetic.heldout_prompts(
       3, seed=1)[2]["caption"]
+
+
+@pytest.mark.parametrize("exit_fraction", [0.0, 1.0])
+def test_extended_clip_contains_the_clip_and_keeps_its_motion(exit_fraction):
+  src = synthetic.SyntheticVideos(40, [(9, 32, 32), (9, 32, 48), (1, 32, 32)], exit_fraction=exit_fraction)
+  d = {"left": (1, -1), "right": (1, 1), "up": (0, -1), "down": (0, 1)}
+  for i in range(40):
+    item = src[i]
+    video = src.extended(i, 2, 3)
+    t = len(item["video"])
+    assert video.shape == (t + 5,) + item["video"].shape[1:]
+    np.testing.assert_array_equal(video[2:2 + t], item["video"])  # the clip itself, bit for bit
+    if t == 1:
+      np.testing.assert_array_equal(video, np.repeat(item["video"], 6, 0))  # an image has no motion
+      continue
+    attrs = synthetic.attrs_of(item["labels"])
+    # Past and future carry the caption's direction: the visible centroid keeps moving that way.
+    axis, sign = d[attrs["direction"]]
+    seen = (video != np.array(synthetic.PALETTE[attrs["background"]], np.uint8)).any(-1).sum((1, 2)) > 0
+    c = _centroids(video[seen], attrs["background"])
+    assert sign * (c[-1, axis] - c[0, axis]) > 0, (i, item["caption"])
+    assert np.all(sign * np.diff(c[:, axis]) >= -0.5), (i, item["caption"])  # no turning back (edges clip)
+    if exit_fraction == 0:  # a shape inside the frame is still partly visible one frame before and after
+      assert seen[1] and seen[2 + t], (i, item["caption"])
+
+
+def test_render_extend_rejects_bad_values():
+  with pytest.raises(ValueError, match="extend must be"):
+    synthetic.render(ALL_COMBOS[0], 9, 32, 32, extend=(-1, 2))
