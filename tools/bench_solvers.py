@@ -131,12 +131,9 @@ def main(argv):
         result["cond"][mode]["continuation"] = scorer.prompt_adherence(new, cond_labels, COND_ATTRIBUTES)
         # The ceiling for `continuation`: the same frames of the clip's true past or future (its motion
         # carried on at the same speed, `SyntheticVideos.extended`), read by the same scorer.
-        true = []
-        for i in range(n):
-          before, after = max(0, generated - a), max(0, b + generated - size[0])
-          full = src.extended(i, before, after)
-          start = before + (b - 1 if sample_mode == "extend_forward" else a - generated)
-          true.append(full[start:start + generated + 1])
+        before, after = max(0, generated - a), max(0, b + generated - size[0])
+        start = before + (b - 1 if sample_mode == "extend_forward" else a - generated)
+        true = [src.extended(i, before, after)[start:start + generated + 1] for i in range(n)]
         result["cond"][mode]["continuation_true"] = scorer.prompt_adherence(true, cond_labels, COND_ATTRIBUTES)
       print(json.dumps({mode: result["cond"][mode]}), flush=True)
   print(json.dumps(result))

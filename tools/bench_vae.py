@@ -9,10 +9,9 @@ default), or `--layout=default`, sora_jax's own resampling blocks (about 25% mor
 (implementation, size) runs in its own process; time is the best of `--repeats` after one warm-up pass
 (JAX's compile excluded) and `peak_rss_mb` is the process's peak RSS during the timed passes (the high-water
 mark is reset after the warm-up, so XLA's compile does not count; `lifetime_peak_rss_mb` includes it). Before
-the timed passes both sides return the
-heap pages freed so far to the kernel (`--trim=1`, the default: glibc keeps large freed blocks mapped, so
-the compiler's and the warm-up's leftovers would otherwise count as the pass's memory); ours also reports
-its RSS after start-up, with weights, and after compiling. Ours encodes and decodes chunked (first frame
+the timed passes both sides return the heap pages freed so far to the kernel (`--trim=1`, the default: glibc
+keeps large freed blocks mapped, so the compiler's and the warm-up's leftovers would otherwise count as the
+pass's memory); ours also reports its RSS after start-up, with weights, and after compiling. Ours encodes and decodes chunked (first frame
 alone, then one latent frame per chunk), as diffusers does. The ref venv needs torch (CPU) and diffusers;
 with `--ref_python=''` only ours runs.
 Ours also reports XLA's compiled memory analysis (`xla_argument_mb`, `xla_temp_mb`); `--memory_analysis`

@@ -168,7 +168,7 @@ def _trajectory(attrs, frames, height, width, extent, rng, exit_fraction=0.0, ex
   index = np.arange(-before, frames + after)
   if frames == 1:  # an image: no motion, so its past and future are the same frame
     index = np.zeros_like(index)
-  progress = np.zeros(len(index)) if frames == 1 else index / (frames - 1)
+  progress = index / max(frames - 1, 1)
   along = start + sign * disp * progress
   # Two cycles of a cosine centred on the middle frame: symmetric, so a
   # least-squares fit of the perpendicular coordinate has exactly zero slope.
@@ -265,24 +265,22 @@ class SyntheticVideos:
     return self.sizes[min(int(np.searchsorted(self._cdf, u, side="right")),
                           len(self.sizes) - 1)]
 
-  def __getitem__(self, index: int) -> dict:
-    index = int(index)
+  def _render(self, index: int, extend: tuple[int, int] = (0, 0)) -> tuple[dict[str, str], np.ndarray]:
     if not 0 <= index < self.num_samples:
       raise IndexError(f"index {index} out of range [0, {self.num_samples})")
     attrs = sample_attributes(index, self.split, self.seed)
     frames, height, width = self.size_of(index)
-    video = render(attrs, frames, height, width, _clip_seed(self.seed, index, self.split),
-                   self.exit_fraction)
+    return attrs, render(attrs, frames, height, width, _clip_seed(self.seed, index, self.split),
+                         self.exit_fraction, extend)
+
+  def __getitem__(self, index: int) -> dict:
+    index = int(index)
+    attrs, video = self._render(index)
     return dict(video=video, caption=caption(attrs), labels=labels_of(attrs), index=index)
 
   def extended(self, index: int, before: int, after: int) -> np.ndarray:
     """Clip `index` with `before` frames of its past and `after` of its future (see `render`'s `extend`)."""
-    index = int(index)
-    if not 0 <= index < self.num_samples:
-      raise IndexError(f"index {index} out of range [0, {self.num_samples})")
-    frames, height, width = self.size_of(index)
-    return render(sample_attributes(index, self.split, self.seed), frames, height, width,
-                  _clip_seed(self.seed, index, self.split), self.exit_fraction, (before, after))
+    return self._render(int(index), (before, after))[1]
 
   def __repr__(self) -> str:
     return (f"SyntheticVideos(num_samples={self.num_samples}, sizes={self.sizes}, "
