@@ -174,6 +174,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("dit.width", dit.width, f"head dim {head_dim} must be even and >= 6 for 3D RoPE (t, h, w pairs)")
   if not 0.0 <= config.data.get("exit_fraction", 0.0) <= 1.0:
     _fail("data.exit_fraction", config.data.exit_fraction, "must be in [0, 1]")
+  if not 0.0 <= config.data.get("exit_depth", 0.0) <= 1.0:
+    _fail("data.exit_depth", config.data.exit_depth, "must be in [0, 1] (a fraction of the shape's travel)")
   if "scan_unroll" in dit:
     _positive(config, "dit.scan_unroll")
   if dit.get("text_proj", False) and (not dit.get("cross_attention", True) or config.text.encoder == "class"):
@@ -220,6 +222,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   cond = config.get("cond") or {}
   if cond.get("start_step", 0) < 0:
     _fail("cond.start_step", config.cond.start_step, "must be non-negative")
+  from sora_jax.diffusion import masks  # noqa: PLC0415 (keeps config parsing import-light)
+  for tag, name in dict(cond.get("tag_strategies") or {}).items():
+    if name and name not in masks.STRATEGIES[1:]:
+      _fail(f"cond.tag_strategies.{tag}", name,
+            f"choose a frame-conditioning strategy from {masks.STRATEGIES[1:]}, or '' for the mix")
   conditioned = any(w > 0 for k, w in dict(cond.get("mask_ratios") or {}).items() if k != "none")
   if conditioned and 0 < config.train_dit.steps <= cond.get("start_step", 0):
     _fail("cond.start_step", config.cond.start_step,

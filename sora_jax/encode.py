@@ -42,7 +42,8 @@ def _examples(config, source, encode_fn, params, rest, mesh, batch_size):
     latents = np.asarray(jax.device_get(encode_fn(params, rest, mesh_lib.global_batch(video, mesh))))[:n]
     for x, z in zip(items, latents):
       yield {"latent": z, "caption": x["caption"], "labels": np.asarray(x["labels"], np.int32),
-             "size": np.asarray(x["video"].shape[:3], np.int32), "source_id": int(x["index"])}
+             "size": np.asarray(x["video"].shape[:3], np.int32), "source_id": int(x["index"]),
+             "tags": x.get("tags", "")}
     done += n
     if done % (batch_size * 10) < n:
       logging.info("encode: %d/%d clips (%.1f clips/s)", done, len(source), done / (time.perf_counter() - t0))

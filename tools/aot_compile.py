@@ -95,6 +95,7 @@ def abstract_batch(config, mesh):
       "text_positions": ((B, Lt), jnp.int32),
       "grid": ((B, S, 3), jnp.int32),
       "grid_segment_ids": ((B, S), jnp.int32),
+      "given": ((B, S), jnp.int32),
   }
   return {k: jax.ShapeDtypeStruct(s, d, sharding=mesh_lib.batch_sharding(mesh, len(s)))
           for k, (s, d) in shapes.items()}

@@ -15,6 +15,9 @@ Features of one example:
   size       int32 [3]: frames, height, width of the source clip in pixels
   source_id  int64 or str (fixed per dataset, taken from the first example):
              the example's index or key in the source dataset
+  tags       str, optional in the examples written ("" when absent): comma-separated facts about
+             the clip that training may act on (e.g. "exits", see `cond.tag_strategies`); caches
+             written before tags existed read as ""
 
 `metadata.json` holds the caller's `metadata` (e.g. the VAE config) plus a
 `latent_cache` entry written here: format, channel count, and per split the
@@ -71,6 +74,7 @@ def _features(latent_channels: int, num_labels: int, latent_dtype: str,
       "size": tfds.features.Tensor(shape=(3,), dtype=np.int32),
       "source_id": (tfds.features.Text() if source_id_is_str
                     else tfds.features.Scalar(dtype=np.int64)),
+      "tags": tfds.features.Text(),
   })
 
 
@@ -115,7 +119,7 @@ class _Stats:
 
 def _prepare(ex: Mapping[str, Any], i: int, channels: int, num_labels: int,
              source_id_is_str: bool,
-             dtype: type[np.floating]) -> dict[str, Any]:
+             dtype: type[np.floating], has_tags: bool = True) -> dict[str, Any]:
   """Validates one example and converts it to what the features encode."""
   missing = [k for k in KEYS if k not in ex]
   if missing:
@@ -150,13 +154,26 @@ def _prepare(ex: Mapping[str, Any], i: int, channels: int, num_labels: int,
   caption = ex["caption"]
   if isinstance(caption, bytes):
     caption = caption.decode("utf-8")
-  return {
+  tags = ex.get("tags") or ""
+  if isinstance(tags, bytes):
+    tags = tags.decode("utf-8")
+  if not isinstance(tags, str):
+    raise ValueError(f"Latent cache example {i} (source_id={sid!r}): tags must "
+                     f"be a comma-separated str, got {tags!r}.")
+  out = {
       "latent": latent,
       "caption": str(caption),
       "labels": labels,
       "size": size,
       "source_id": sid if source_id_is_str else int(sid),
   }
+  if has_tags:
+    out["tags"] = tags
+  elif tags:
+    raise ValueError(f"Latent cache example {i} (source_id={sid!r}) has tags "
+                     f"{tags!r}, but the cache it is appended to has no tags "
+                     f"feature; write a new cache.")
+  return out
 
 
 def write_latent_cache(
@@ -263,8 +280,9 @@ def write_latent_cache(
         ds_info, max_examples_per_shard=shard_size,
         overwrite=not appending, file_format="array_record")
     writer.initialize_splits([split], fail_if_exists=False)
+    has_tags = "tags" in features.keys()
     prepared = (_prepare(ex, i, latent_channels, num_labels, source_id_is_str,
-                         _LATENT_DTYPES[latent_dtype])
+                         _LATENT_DTYPES[latent_dtype], has_tags)
                 for i, ex in enumerate(it))
     while chunk := list(itertools.islice(prepared, _CHUNK)):
       for ex in chunk:
@@ -411,6 +429,7 @@ class LatentCacheSource(Sequence):
         "labels": ex["labels"],
         "size": ex["size"],
         "source_id": sid.decode("utf-8") if isinstance(sid, bytes) else sid,
+        "tags": ex.get("tags", b"").decode("utf-8"),
     }
 
   def __getitem__(self, i) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from grain import experimental as grain_exp
 
 # Keys of a packed batch; see docs/ARCHITECTURE.md.
 SEQUENCE_KEYS = ("tokens", "coords", "text")
-TABLE_KEYS = ("grid", "labels", "index")
+TABLE_KEYS = ("grid", "labels", "index", "given")
 
 
 def patchify(latent: np.ndarray, patch: Sequence[int]):
@@ -59,8 +59,12 @@ def num_tokens(latent_shape: Sequence[int], patch: Sequence[int]) -> int:
   return int(np.prod([s // p for s, p in zip(latent_shape[:3], patch)]))
 
 
-def sample_features(tokens, coords, grid, text, labels, index, text_states=None, text_pooled=None) -> dict:
+def sample_features(tokens, coords, grid, text, labels, index, text_states=None, text_pooled=None,
+                    given: int = -1) -> dict:
   """One sample's features in the layout the packer expects (tables as length-1 sequences).
+
+  `given`: the frame-conditioning strategy this sample always trains with (an index into
+  `sora_jax.diffusion.masks.STRATEGIES`), or -1 to draw one from `cond.mask_ratios`.
 
   `text_states` [n, D] and `text_pooled` [D]: precomputed text embeddings (`text_embeddings`), packed as a
   text-length sequence next to `text` and as a table.
@@ -72,6 +76,7 @@ def sample_features(tokens, coords, grid, text, labels, index, text_states=None,
       "grid": np.asarray(grid, np.int32)[None],
       "labels": np.asarray(labels, np.int32)[None],
       "index": np.asarray([index], np.int32)[None],
+      "given": np.asarray([given], np.int32)[None],
   }
   if text_states is not None:
     if len(text_states) != len(out["text"]):
@@ -89,7 +94,7 @@ def pack(ds: grain.IterDataset, *, seq_len: int, text_seq_len: int, max_segments
   `text_states`: the samples carry precomputed `text_states` / `text_pooled` (see `sample_features`).
   """
   lengths = {"tokens": seq_len, "coords": seq_len, "text": text_seq_len,
-             "grid": max_segments, "labels": max_segments, "index": max_segments}
+             "grid": max_segments, "labels": max_segments, "index": max_segments, "given": max_segments}
   if text_states:
     lengths.update(text_states=text_seq_len, text_pooled=max_segments)
   packed = grain_exp.BestFitPackIterDataset(
@@ -110,6 +115,7 @@ def _finish_row(row: dict) -> dict:
       "grid_segment_ids": row["grid_segment_ids"].astype(np.int32),
       "labels": row["labels"],
       "index": row["index"][:, 0],
+      "given": row["given"][:, 0],
   }
   if "text_states" in row:  # same positions as `text`: the packer places both features of a sample alike
     out.update(text_states=row["text_states"], text_pooled=row["text_pooled"])

@@ -20,6 +20,7 @@ from sora_jax.data import sources
 from sora_jax.data import synthetic
 from sora_jax.data import text_embeddings
 from sora_jax.data import video_io
+from sora_jax.diffusion import masks
 from sora_jax.models import text as text_lib
 
 # Virtual length of the procedural source: indices are cheap and never repeat in practice.
@@ -53,7 +54,8 @@ def vae_dataset(config, *, seed: int, batch_size: int) -> grain.IterDataset:
     per_size = []
     for k, size in enumerate(sizes):
       src = synthetic.SyntheticVideos(SYNTHETIC_LENGTH, [tuple(size)], split="train", seed=seed + 7919 * k,
-                                      exit_fraction=config.data.get("exit_fraction", 0.0))
+                                      exit_fraction=config.data.get("exit_fraction", 0.0),
+                                      exit_depth=config.data.get("exit_depth", 0.0))
       ds = _per_host(grain.MapDataset.source(src)).map(_to_float_video)
       per_size.append(ds.batch(batch_size, drop_remainder=True))
     ds = grain.MapDataset.mix(per_size, weights=list(weights)) if len(per_size) > 1 else per_size[0]
@@ -83,6 +85,9 @@ class LatentToFeatures(grain.transforms.RandomMap):
   token_drop_rate: float = 0.0  # NaViT token dropping (coords travel with the kept tokens)
   # Precomputed text embeddings (`text_embeddings.TextEmbeddings`): captions are looked up, not tokenized.
   embeddings: Any = None
+  # ((tag, strategy index), ...): a sample whose `tags` hold `tag` always trains with that frame-conditioning
+  # strategy; others draw theirs from cond.mask_ratios (see `given_strategy`).
+  tag_strategies: tuple = ()
 
   def random_map(self, example: dict, rng: np.random.Generator) -> dict:
     caption = example["caption"]
@@ -98,7 +103,8 @@ class LatentToFeatures(grain.transforms.RandomMap):
     else:
       text = text_lib.tokenize(caption, self.max_text_len, self.tokenizer, self.tokenizer_path)
     return packing.sample_features(tokens, coords, grid, text, example["labels"],
-                                   _int_id(example.get("source_id", 0)), states, pooled)
+                                   _int_id(example.get("source_id", 0)), states, pooled,
+                                   given_strategy(example.get("tags", ""), self.tag_strategies))
 
 
 def latent_to_features(config, *, train: bool = True, embeddings=None) -> LatentToFeatures:
@@ -112,7 +118,24 @@ def latent_to_features(config, *, train: bool = True, embeddings=None) -> Latent
   return LatentToFeatures(tuple(config.dit.patch_size), config.text.max_len,
                           t.caption_dropout if train else 0.0, config.text.get("tokenizer", "bytes"),
                           config.text.get("path") or None, t.get("token_drop_rate", 0.0) if train else 0.0,
-                          embeddings)
+                          embeddings, tag_strategies(config) if train else ())
+
+
+def tag_strategies(config) -> tuple[tuple[str, int], ...]:
+  """`config.cond.tag_strategies` ({tag: strategy name, '' = the mix}) as ((tag, index into
+  masks.STRATEGIES), ...) for the tags that have a strategy."""
+  named = dict((config.get("cond") or {}).get("tag_strategies") or {})
+  return tuple((tag, masks.STRATEGIES.index(name)) for tag, name in named.items() if name)
+
+
+def given_strategy(tags, table: Sequence[tuple[str, int]]) -> int:
+  """The strategy a sample with comma-separated `tags` always trains with, or -1 (drawn from the mix).
+
+  The sample's first tag that has a strategy in `table` decides."""
+  if isinstance(tags, bytes):
+    tags = tags.decode("utf-8")
+  by_tag = dict(table)
+  return next((by_tag[t.strip()] for t in (tags or "").split(",") if t.strip() in by_tag), -1)
 
 
 def _int_id(source_id) -> int:

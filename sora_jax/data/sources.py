@@ -15,7 +15,7 @@ iterator state (one index) resumes it exactly. Pixel kinds feed the VAE and `--m
 cache per part); 'latents' parts, and the caches encoded from pixel parts, feed the DiT with the same weights.
 
 Folder and tfds sources index cheap *records* (`path`, `caption`, `index`, maybe `data`/`frames`); `DecodeClip`
-turns a record into a pixel example `{video uint8 [T, H, W, 3], caption, labels, index}` after shuffle and
+turns a record into a pixel example `{video uint8 [T, H, W, 3], caption, labels, index, tags}` after shuffle and
 repeat, so worker processes do the decoding. The clip's size comes from a `SizePolicy`, a function
 `(frames, height, width) of the source -> (frames, height, width) to produce`, so packing can plug in its own.
 
@@ -348,7 +348,7 @@ class DecodeClip:
       return None
     self.counter.ok()
     return {"video": video, "caption": record["caption"], "labels": np.full((NUM_LABELS,), -1, np.int32),
-            "index": int(record["index"])}
+            "index": int(record["index"]), "tags": ""}
 
   def decode(self, record: dict, rng: np.random.Generator) -> np.ndarray:
     if record.get("error"):
@@ -413,7 +413,8 @@ def synthetic_dataset(config, *, split: str, seed: int, num_samples: int,
   # Shapes leaving the frame are a training-data option; held-out and evaluation clips stay in frame.
   exit_fraction = config.data.get("exit_fraction", 0.0) if split == "train" else 0.0
   return grain.MapDataset.source(synthetic.SyntheticVideos(num_samples, sizes, weights, split=split, seed=seed,
-                                                           exit_fraction=exit_fraction))
+                                                           exit_fraction=exit_fraction,
+                                                           exit_depth=config.data.get("exit_depth", 0.0)))
 
 
 def _is_not_image(record: dict) -> bool:
@@ -423,7 +424,7 @@ def _is_not_image(record: dict) -> bool:
 def pixel_dataset(config, *, split: str = "train", seed: int, size: Sequence[int] | None = None,
                   policy: SizePolicy | None = None, shuffle: bool = False, repeat: bool = False,
                   shard: bool = True, num_samples: int | None = None, name: str = "data") -> grain.MapDataset:
-  """Pixel examples {video uint8 [T, H, W, 3], caption, labels [A], index} of config.data.source.
+  """Pixel examples {video uint8 [T, H, W, 3], caption, labels [A], index, tags} of config.data.source.
 
   File sources: records -> (host shard) -> (shuffle) -> (repeat) -> decode; bad samples are None (dropped by
   `to_iter_dataset`), sized by `size` if given, else `policy`, else `size_policy(config)`. Synthetic:

@@ -73,15 +73,20 @@ def frame_mask(strategy: Array, frame: Array, num_frames: Array, k: Array, free:
   return jnp.select([strategy == i for i in range(len(STRATEGIES))], options, False)
 
 
-def sample_strategies(rng: Array, num_frames: Array, probs: np.ndarray) -> Array:
-  """Strategy index per segment `[B, S]` int32; strategies the segment is too short for become "none"."""
+def sample_strategies(rng: Array, num_frames: Array, probs: np.ndarray, given: Array | None = None) -> Array:
+  """Strategy index per segment `[B, S]` int32; strategies the segment is too short for become "none".
+
+  `given` `[B, S]` int: a fixed strategy per segment where >= 0 (the packed batch's `given` table), else drawn.
+  """
   logits = jnp.log(jnp.asarray(probs, jnp.float32))
   strategy = jax.random.categorical(rng, logits, shape=num_frames.shape).astype(jnp.int32)
+  if given is not None:
+    strategy = jnp.where(given >= 0, given.astype(jnp.int32), strategy)
   return jnp.where(num_frames >= jnp.asarray(_MIN_FRAMES)[strategy], strategy, 0)
 
 
 def sample_token_mask(rng: Array, frame: Array, segment_ids: Array, num_frames: Array,
-                      probs: np.ndarray) -> Array:
+                      probs: np.ndarray, given: Array | None = None) -> Array:
   """Draws a strategy per segment and returns the conditioning mask of the tokens, bool `[B, L]`.
 
   Args:
@@ -90,10 +95,11 @@ def sample_token_mask(rng: Array, frame: Array, segment_ids: Array, num_frames: 
     segment_ids: `[B, L]` int, 0 = padding (never conditioned).
     num_frames: `[B, S]` int latent frames per segment (`grid[..., 0]`); 0 for empty table rows.
     probs: `[len(STRATEGIES)]` from `strategy_probs`.
+    given: `[B, S]` int, optional: segments where it is >= 0 take that strategy instead of a drawn one.
   """
   rng_s, rng_k, rng_f, rng_u = jax.random.split(rng, 4)
   n = num_frames.astype(jnp.int32)
-  strategy = sample_strategies(rng_s, n, probs)
+  strategy = sample_strategies(rng_s, n, probs, given)
   nf = n.astype(jnp.float32)
   k = 1 + jnp.floor(jax.random.uniform(rng_k, n.shape) * jnp.maximum(nf - 1, 0)).astype(jnp.int32)
   free = jnp.floor(jax.random.uniform(rng_f, n.shape) * nf).astype(jnp.int32)

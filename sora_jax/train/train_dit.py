@@ -16,6 +16,7 @@ import optax
 from absl import logging
 from flax import nnx
 
+from sora_jax import segments
 from sora_jax.data import latent_cache
 from sora_jax.data import packing
 from sora_jax.data import pipeline
@@ -72,10 +73,11 @@ def segment_shift(config, grid_table):
 
 
 def cond_probs(config):
-  """Mask-strategy probabilities from `config.cond.mask_ratios`, or None when nothing is ever conditioned."""
+  """Mask-strategy probabilities from `config.cond.mask_ratios`, or None when nothing is ever conditioned
+  (no strategy but "none" in the mix, and no `cond.tag_strategies`)."""
   cond = config.get("cond") or {}
   probs = masks.strategy_probs(cond.get("mask_ratios"))
-  return None if probs[0] == 1.0 else probs
+  return None if probs[0] == 1.0 and not any(dict(cond.get("tag_strategies") or {}).values()) else probs
 
 
 def batch_text(model, batch, max_segments: int, labels=None):
@@ -90,7 +92,9 @@ def denoiser_loss(model, batch, rng, config, step=None):
   """Flow-matching loss of one packed batch (frame-conditioned tokens given clean and not counted).
 
   With `step` (the train step) and `config.cond.start_step` > 0, no token is conditioned before that step:
-  the caption alone has to carry the clip until then (experiments/tiny_t2v/README.md, runs AG and D13)."""
+  the caption alone has to carry the clip until then (experiments/tiny_t2v/README.md, runs AG and D13).
+  Segments with a strategy in the batch's `given` table (`cond.tag_strategies`) only ever train with it:
+  before `start_step` they count nothing in the loss."""
   S = config.train_dit.max_segments
   seg = batch["tokens_segment_ids"]
   x0 = batch["tokens"]
@@ -104,13 +108,19 @@ def denoiser_loss(model, batch, rng, config, step=None):
   cond_mask, weight = None, None
   if probs is not None:
     # fold_in keeps t and noise identical to an unconditioned run with the same rng.
+    given = batch.get("given")
     cond_mask = masks.sample_token_mask(jax.random.fold_in(rng, 1), batch["coords"][..., 0], seg,
-                                        batch["grid"][..., 0], probs)
+                                        batch["grid"][..., 0], probs, given)
+    weight = jnp.ones(seg.shape, jnp.float32)
     start = (config.get("cond") or {}).get("start_step", 0)
     if step is not None and start > 0:
-      cond_mask = cond_mask & (step >= start)
+      started = step >= start
+      cond_mask = cond_mask & started
+      if given is not None:  # segments that only train with given frames wait for the start
+        fixed = segments.gather((given >= 0).astype(jnp.float32), seg) > 0.5
+        weight = jnp.where(fixed & ~started, 0.0, weight)
     x_t = jnp.where(cond_mask[..., None], x0, x_t)
-    weight = 1.0 - cond_mask.astype(jnp.float32)
+    weight = weight * (1.0 - cond_mask.astype(jnp.float32))
   labels = batch.get("labels")
   if labels is not None and t2v.is_class_conditional(config) and config.train_dit.caption_dropout > 0:
     # Label dropout (the class-conditional twin of caption dropout): -1 reads as the null class.

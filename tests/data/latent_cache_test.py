@@ -27,11 +27,13 @@ def make_examples(n, seed=0, str_ids=False):
         "labels": np.array([i, -1, 2], np.int32),
         "size": np.array([1 + 4 * (shape[0] - 1), 8 * shape[1], 8 * shape[2]], np.int32),
         "source_id": f"vid_{i}" if str_ids else 100 + i,
+        **({"tags": "exits,night"} if i % 3 == 1 else {}),  # untagged examples may leave the key out
     }
 
 
 def assert_same(got, want, atol=0.0):
-  assert set(got) == set(latent_cache.KEYS)
+  assert set(got) == set(latent_cache.KEYS) | {"tags"}
+  assert got["tags"] == want.get("tags", "")
   assert got["latent"].dtype == np.float32
   np.testing.assert_allclose(got["latent"], want["latent"], atol=atol)
   assert got["caption"] == want["caption"]
@@ -217,3 +219,18 @@ def test_write_and_read_without_tensorflow(tmp_path):
                        timeout=120, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.strip().endswith("ok")
+
+
+def test_cache_without_tags_reads_untagged_and_refuses_tagged_appends(tmp_path, monkeypatch):
+  # A cache written before `tags` existed: its features have no tags.
+  plain = latent_cache._features
+  monkeypatch.setattr(latent_cache, "_features",
+                      lambda *a: tfds.features.FeaturesDict({k: v for k, v in plain(*a).items() if k != "tags"}))
+  untagged = [ex for ex in make_examples(6) if "tags" not in ex]
+  path = latent_cache.write_latent_cache(str(tmp_path), untagged, latent_channels=C)
+  monkeypatch.setattr(latent_cache, "_features", plain)
+  src = latent_cache.LatentCacheSource(path)
+  assert [src[i]["tags"] for i in range(len(src))] == [""] * len(untagged)
+  with pytest.raises(ValueError, match="example 1 .* has tags 'exits,night', but the cache .* no tags"):
+    latent_cache.write_latent_cache(str(tmp_path), make_examples(3), latent_channels=C, append=True)
+  assert len(latent_cache.LatentCacheSource(path)) == len(untagged)  # nothing lost

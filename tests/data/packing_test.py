@@ -21,7 +21,8 @@ def test_patchify_roundtrip_and_coords():
 
 def _features(n_tokens, n_text, index):
   return packing.sample_features(np.full((n_tokens, 3), index, np.float32), np.zeros((n_tokens, 3), np.int32),
-                                 [1, 1, n_tokens], np.arange(n_text) + 1, np.full(6, index), index)
+                                 [1, 1, n_tokens], np.arange(n_text) + 1, np.full(6, index), index,
+                                 given=index % 3 - 1)
 
 
 def test_packed_rows_keep_every_sample_whole_and_tables_aligned():
@@ -39,6 +40,7 @@ def test_packed_rows_keep_every_sample_whole_and_tables_aligned():
       assert np.all(r["tokens"][sel] == idx)  # the table row belongs to the segment's tokens
       assert (r["text_segment_ids"] == s + 1).sum() == len(samples[idx]["text"])
       np.testing.assert_array_equal(r["labels"][s], np.full(6, idx))
+      assert r["given"][s] == idx % 3 - 1
     assert np.all(r["tokens"][r["tokens_segment_ids"] == 0] == 0)
     assert (r["grid_segment_ids"] > 0).sum() <= 3
   assert sorted(seen) == list(range(6))
@@ -85,3 +87,24 @@ def test_pipeline_token_dropping_is_deterministic_and_consistent():
   for tok, c in zip(a["tokens"], a["coords"]):
     k = int(np.flatnonzero((coords == c).all(-1))[0])
     np.testing.assert_array_equal(tok, full[k])
+
+
+def test_tags_pick_the_strategy_a_sample_always_trains_with():
+  from configs import tiny_t2v  # noqa: PLC0415
+  from sora_jax.data import pipeline  # noqa: PLC0415
+  from sora_jax.diffusion import masks  # noqa: PLC0415
+  config = tiny_t2v.get_config("runlocal")
+  assert pipeline.tag_strategies(config) == ()  # the default: tagged clips train like any other
+  config.cond.tag_strategies = {"exits": "prefix", "cut": "first"}
+  table = pipeline.tag_strategies(config)
+  assert dict(table) == {"exits": masks.STRATEGIES.index("prefix"), "cut": masks.STRATEGIES.index("first")}
+  assert pipeline.given_strategy("", table) == -1
+  assert pipeline.given_strategy("night, cut", table) == masks.STRATEGIES.index("first")
+  assert pipeline.given_strategy(b"exits,cut", table) == masks.STRATEGIES.index("prefix")  # the clip's first
+  assert pipeline.given_strategy("cut,exits", table) == masks.STRATEGIES.index("first")
+  assert pipeline.given_strategy("exit", table) == -1  # whole tags only
+  example = {"latent": np.zeros((3, 4, 4, 16), np.float32), "caption": "a red circle", "labels": np.zeros(6),
+             "source_id": 5, "tags": "exits"}
+  rng = np.random.default_rng(0)
+  assert pipeline.latent_to_features(config).random_map(example, rng)["given"][0, 0] == dict(table)["exits"]
+  assert pipeline.latent_to_features(config, train=False).random_map(example, rng)["given"][0, 0] == -1

@@ -101,6 +101,35 @@ def test_render_exit_leaves_the_frame_in_its_direction(size):
     assert profile[-1 if sign > 0 else 0], attrs
 
 
+def test_exit_depth_lets_the_shape_leave_anywhere_and_tags_the_clip():
+  src = synthetic.SyntheticVideos(240, [(9, 32, 32), (9, 32, 48), (1, 32, 32)], exit_fraction=0.5, exit_depth=1.0)
+  crossed = []
+  for i in range(len(src)):
+    item = src[i]
+    attrs = synthetic.sample_attributes(i, "train", 0)
+    area = (item["video"] == np.array(synthetic.PALETTE[attrs["color"]], np.uint8)).all(-1).sum((1, 2))
+    if item["video"].shape[0] == 1:
+      assert item["tags"] == ""  # an image shows no motion, so it never leaves
+      continue
+    if item["tags"] != synthetic.EXIT_TAG:
+      assert item["tags"] == "" and area[-1] > 0.7 * area[0]
+      continue
+    assert area[0] >= 0.7 * area.max() > 0  # the whole shape is in the first frame (up to rasterisation)
+    gone = np.flatnonzero(area == 0)
+    crossed.append(gone[0] if len(gone) else 9)
+  assert len(crossed) > 50
+  # The shape may be gone after only a few frames, or still be leaving in the last one.
+  assert min(crossed) <= 6 and max(crossed) == 9
+  # exit_depth 0 is the original exit: gone at most in the last frame.
+  src0 = synthetic.SyntheticVideos(40, [(9, 32, 32)], exit_fraction=1.0)
+  for i in range(40):
+    attrs = synthetic.sample_attributes(i, "train", 0)
+    area = (src0[i]["video"] == np.array(synthetic.PALETTE[attrs["color"]], np.uint8)).all(-1).sum((1, 2))
+    assert src0[i]["tags"] == synthetic.EXIT_TAG and (area[:-1] > 0).all()
+  with pytest.raises(ValueError, match="exit_depth must be in"):
+    synthetic.SyntheticVideos(4, [(9, 32, 32)], exit_depth=2.0)
+
+
 def test_exit_fraction_zero_keeps_clips_and_mixes_by_share():
   attrs = ALL_COMBOS[100]
   for seed in range(5):
@@ -176,7 +205,8 @@ def test_dataset_item_contract():
   assert len(ds) == 50
   for i in range(50):
     item = ds[i]
-    assert set(item) == {"video", "caption", "labels", "index"}
+    assert set(item) == {"video", "caption", "labels", "index", "tags"}
+    assert item["tags"] == ""  # no shape leaves the frame at exit_fraction 0
     assert item["index"] == i
     assert item["video"].dtype == np.uint8
     assert item["video"].shape in [(9, 32, 32, 3), (1, 32, 48, 3)]
@@ -280,3 +310,14 @@ def test_extended_clip_contains_the_clip_and_keeps_its_motion(exit_fraction):
 def test_render_extend_rejects_bad_values():
   with pytest.raises(ValueError, match="extend must be"):
     synthetic.render(ALL_COMBOS[0], 9, 32, 32, extend=(-1, 2))
+
+
+def test_config_exits_reach_training_clips_only():
+  from configs import tiny_t2v  # noqa: PLC0415
+  from sora_jax.data import sources  # noqa: PLC0415
+  config = tiny_t2v.get_config("runlocal")
+  config.data.update(exit_fraction=0.5, exit_depth=1.0)
+  train = sources.synthetic_dataset(config, split="train", seed=0, num_samples=60)
+  heldout = sources.synthetic_dataset(config, split="heldout", seed=0, num_samples=60)
+  assert 10 < sum(train[i]["tags"] == synthetic.EXIT_TAG for i in range(60)) < 40
+  assert all(heldout[i]["tags"] == "" for i in range(60))

@@ -148,3 +148,48 @@ def test_no_token_is_conditioned_before_cond_start_step():
   np.testing.assert_allclose(float(before), float(train_dit.denoiser_loss(model, batch, jax.random.key(0), config)),
                              rtol=1e-6)
   assert float(after) != float(before)
+
+
+def test_a_given_strategy_overrides_the_draw_for_its_segment():
+  frame, seg, nframes = _batch()
+  probs = masks.strategy_probs({"none": 1.0})
+  last = masks.STRATEGIES.index("last")
+  given = jnp.asarray([[last, -1, last, 0], [-1, masks.STRATEGIES.index("prefix"), 0, 0]], jnp.int32)
+  for seed in range(8):
+    mask = masks.sample_token_mask(jax.random.key(seed), frame, seg, nframes, probs, given)
+    assert _frames_given(mask, frame, seg, 0, 0) == [3]  # 4 frames, "last"
+    assert _frames_given(mask, frame, seg, 0, 1) == []   # drawn: "none"
+    assert _frames_given(mask, frame, seg, 0, 2) == [1]  # 2 frames, "last"
+    assert _frames_given(mask, frame, seg, 1, 0) == []   # drawn: "none"
+    prefix = _frames_given(mask, frame, seg, 1, 1)
+    assert prefix and prefix == list(range(len(prefix))) and len(prefix) < 5
+
+
+def test_segments_with_a_given_strategy_wait_out_of_the_loss_until_the_start_step():
+  frame, seg, nframes = _batch()
+  config = tiny_t2v.get_config("runlocal")
+  config.train_dit.max_segments = 4
+  config.cond.mask_ratios = {"none": 1.0}
+  config.cond.start_step = 10
+  config.cond.tag_strategies = {"exits": "first"}
+  grid = jnp.stack([nframes, jnp.ones_like(nframes), jnp.ones_like(nframes)], -1)
+  x0 = jax.random.normal(jax.random.key(3), (2, L, 4))
+  first = masks.STRATEGIES.index("first")
+  batch = {"tokens": x0, "tokens_segment_ids": seg, "coords": jnp.stack([frame] * 3, -1), "grid": grid,
+           "text": jnp.zeros((2, 4), jnp.int32), "text_segment_ids": jnp.zeros((2, 4), jnp.int32),
+           "text_positions": jnp.zeros((2, 4), jnp.int32),
+           "given": jnp.asarray([[first, -1, -1, 0], [-1, -1, 0, 0]], jnp.int32)}
+  rng = jax.random.key(0)
+  model = _ZeroModel()
+  _, rng_n = jax.random.split(rng)
+  target = jax.random.normal(rng_n, x0.shape) - x0
+  fixed = np.asarray(seg) == np.asarray([[1], [-1]])  # row 0's first segment only
+  before = train_dit.denoiser_loss(model, batch, rng, config, step=jnp.asarray(9))
+  assert not np.asarray(model.cond_mask).any()
+  want, _ = flow.flow_loss(jnp.zeros_like(x0), target, seg, jnp.asarray(~fixed, jnp.float32), max_segments=4)
+  np.testing.assert_allclose(before, want, rtol=1e-6)
+  after = train_dit.denoiser_loss(model, batch, rng, config, step=jnp.asarray(10))
+  given = (np.asarray(frame) == 0) & fixed
+  np.testing.assert_array_equal(np.asarray(model.cond_mask), given)
+  want, _ = flow.flow_loss(jnp.zeros_like(x0), target, seg, jnp.asarray(~given, jnp.float32), max_segments=4)
+  np.testing.assert_allclose(after, want, rtol=1e-6)
