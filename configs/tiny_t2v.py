@@ -36,7 +36,7 @@ def get_config(arg=None):
       # no better at 4,000 (experiments/sampling/README.md).
       exit_fraction=0.0,
       # How far past the edge an exiting shape's travel may end, as a fraction of the travel (0: at most half
-      # a shape, so it leaves in the last frame; 1: anywhere in the clip).
+      # a shape, so it leaves in the last frame; 1: anywhere in the clip). Such clips are tagged "exits".
       exit_depth=0.0,
   )
   # 2x2 pixel patchify + one 2x downsampling level: 4x space, 2x time (9 frames -> 5 latent frames), 16
@@ -102,7 +102,9 @@ def get_config(arg=None):
   c.cond = dict(mask_ratios=dict(none=0.5, first=0.1, last=0.05, first_last=0.05, prefix=0.15, suffix=0.05,
                                  random=0.1), start_step=dit_steps // 2,
                 # {tag: strategy}: clips whose `tags` hold the tag always train with that strategy ('': the mix),
-                # and not at all before start_step. The embedded data tags clips that leave the frame "exits".
+                # and not at all before start_step. exits=prefix (clips that leave the frame only ever as
+                # continuations) did not teach extension past the end of a travel and cost the caption its hold
+                # on direction (0.26; experiments/sampling/README.md).
                 tag_strategies=dict(exits=""))
   # 128 held-out prompts: one standard error of an accuracy near 0.3 is 0.04 (0.08 at 32), about 10 s more.
   # use_ema=False: the demo samples the trained weights, not their EMA. Over 2,000 steps an EMA at 0.999
