@@ -16,14 +16,18 @@ alone, then one latent frame per chunk), as diffusers does. The ref venv needs t
 with `--ref_python=''` only ours runs.
 Ours also reports XLA's compiled memory analysis (`xla_argument_mb`, `xla_temp_mb`); `--memory_analysis`
 reports only that, compiling without running (a minute instead of several).
+`--rounds=N` runs N rounds of the two processes per size, alternating which goes first, and reports the
+median of the per-round time ratios (the machine is shared: single runs move by about 1 s in 15).
 Last line: one JSON object with `time_ratio` and `peak_memory_ratio` (ours / peer, at the first size).
 """
 import argparse
+import collections
 import ctypes
 import gc
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -113,7 +117,7 @@ def run_ours(args, t, h, w) -> dict:
   stages["rss_after_compile_mb"] = _rss_mb()
   ma = compiled.memory_analysis()
   memory = {"xla_argument_mb": ma.argument_size_in_bytes / 2**20, "xla_temp_mb": ma.temp_size_in_bytes / 2**20,
-            **stages}
+            **stages, "xla_flags": os.environ.get("XLA_FLAGS", "")}
   if args.memory_analysis:
     return memory
   return {**_time(lambda: jax.block_until_ready(compiled(state, x)), args.repeats, args.trim), **memory}
@@ -140,6 +144,8 @@ def main():
   p.add_argument("--base", type=int, default=96)
   p.add_argument("--sizes", default="17x128x128,33x128x128")
   p.add_argument("--repeats", type=int, default=2)
+  p.add_argument("--rounds", type=int, default=1,
+                 help="alternating rounds of (ours, peer) processes per size; ratios are medians over rounds")
   p.add_argument("--chunk", type=int, default=1, help="latent frames per chunk (0: full pass)")
   p.add_argument("--layout", default="wan", choices=["wan", "default"],
                  help="ours: 'wan' is Wan2.1's exact architecture (the peer's); 'default' is sora_jax's own")
@@ -164,23 +170,31 @@ def main():
             "--layout", args.layout, "--trim", str(args.trim), "--fold_taps", args.fold_taps]
   if args.memory_analysis:
     common.append("--memory_analysis")
-  results = {}
+  results, rounds = {}, collections.defaultdict(list)
+  sides = [("ours", sys.executable), ("peer", args.ref_python)]
   for size in args.sizes.split(","):
-    for impl, python in [("ours", sys.executable), ("peer", args.ref_python)]:
-      if not python or (impl == "peer" and args.memory_analysis):
-        continue
-      env = dict(os.environ, JAX_PLATFORMS="cpu")
-      out = subprocess.run([python, __file__, "--worker", f"{impl}:{size}", *common], env=env, check=True,
-                           capture_output=True, text=True).stdout
-      results[f"{impl}/{size}"] = json.loads(out.strip().splitlines()[-1])
-      print(impl, size, results[f"{impl}/{size}"], flush=True)
+    for r in range(args.rounds):
+      # Alternate which side goes first: a neighbour's load that comes and goes then hits both alike.
+      for impl, python in (sides if r % 2 == 0 else sides[::-1]):
+        if not python or (impl == "peer" and args.memory_analysis):
+          continue
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        out = subprocess.run([python, __file__, "--worker", f"{impl}:{size}", *common], env=env, check=True,
+                             capture_output=True, text=True).stdout
+        rounds[f"{impl}/{size}"].append(json.loads(out.strip().splitlines()[-1]))
+        print(f"round {r + 1}/{args.rounds}", impl, size, rounds[f"{impl}/{size}"][-1], flush=True)
+  for key, runs in rounds.items():  # the median round by time stands for the side
+    results[key] = sorted(runs, key=lambda x: x["seconds"])[(len(runs) - 1) // 2]
   summary = {"base": args.base, "chunk": args.chunk, "layout": args.layout, "trim": args.trim,
-             "fold_taps": args.fold_taps, "runs": results}
+             "fold_taps": args.fold_taps, "rounds": args.rounds, "runs": results}
   for size in args.sizes.split(","):
     if f"peer/{size}" in results:
-      ours, peer = results[f"ours/{size}"], results[f"peer/{size}"]
-      summary[f"time_ratio/{size}"] = ours["seconds"] / peer["seconds"]
-      summary[f"peak_memory_ratio/{size}"] = ours["peak_rss_mb"] / peer["peak_rss_mb"]
+      ours, peer = rounds[f"ours/{size}"], rounds[f"peer/{size}"]
+      per_round = [o["seconds"] / q["seconds"] for o, q in zip(ours, peer)]
+      summary[f"time_ratio/{size}"] = float(statistics.median(per_round))
+      summary[f"time_ratio_rounds/{size}"] = per_round
+      summary[f"peak_memory_ratio/{size}"] = (float(statistics.median([o["peak_rss_mb"] for o in ours]))
+                                              / float(statistics.median([q["peak_rss_mb"] for q in peer])))
   first = args.sizes.split(",")[0]
   summary["time_ratio"] = summary.get(f"time_ratio/{first}")
   summary["peak_memory_ratio"] = summary.get(f"peak_memory_ratio/{first}")
