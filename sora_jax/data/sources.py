@@ -126,8 +126,10 @@ def size_policy(config) -> SizePolicy:
 def read_captions(path: str) -> list[dict]:
   """Rows of a CSV (header with `path` and `caption`) or JSONL captions file as records.
 
-  A row with a missing or non-text caption becomes a record with an `error`, so it is skipped and counted
-  like any other bad sample; a file that cannot be parsed at all raises.
+  An optional `tags` column / field (comma-separated text, or in JSONL a list of strings) tags the clip for
+  `cond.tag_strategies`. A row with a missing or non-text caption, or tags of another type, becomes a
+  record with an `error`, so it is skipped and counted like any other bad sample; a file that cannot be
+  parsed at all raises.
   """
   root = os.path.dirname(os.path.abspath(path))
   rows = []
@@ -137,7 +139,7 @@ def read_captions(path: str) -> list[dict]:
       if not reader.fieldnames or "path" not in reader.fieldnames or "caption" not in reader.fieldnames:
         raise ValueError(f"{path}: CSV header must name columns 'path' and 'caption', got {reader.fieldnames}")
       for line, row in enumerate(reader, start=2):
-        rows.append((line, row.get("path"), row.get("caption")))
+        rows.append((line, row.get("path"), row.get("caption"), row.get("tags") or ""))
   elif path.endswith(".jsonl"):
     with open(path, encoding="utf-8") as f:
       for line, text in enumerate(f, start=1):
@@ -148,18 +150,24 @@ def read_captions(path: str) -> list[dict]:
         except json.JSONDecodeError:
           row = {}
         row = row if isinstance(row, dict) else {}
-        rows.append((line, row.get("path"), row.get("caption")))
+        tags = row.get("tags") or ""
+        if isinstance(tags, list) and all(isinstance(t, str) for t in tags):
+          tags = ",".join(tags)
+        rows.append((line, row.get("path"), row.get("caption"), tags))
   else:
     raise ValueError(f"{path}: captions file must end in .csv or .jsonl")
   records = []
-  for line, rel, caption in rows:
+  for line, rel, caption, tags in rows:
     error = None
     if not isinstance(rel, str) or not rel.strip():
       error, rel = f"no path: {os.path.basename(path)} line {line}", f"{os.path.basename(path)}:{line}"
     elif not isinstance(caption, str) or not caption.strip():
       error = f"no caption: missing or not text in {os.path.basename(path)} line {line}"
+    elif not isinstance(tags, str):
+      error = f"bad tags: {tags!r} in {os.path.basename(path)} line {line} is not text or a list of text"
     records.append({"path": os.path.join(root, rel.strip()), "caption": caption if error is None else "",
-                    "error": error or ""})
+                    "error": error or "", "tags": ",".join(t.strip() for t in tags.split(",") if t.strip())
+                    if error is None else ""})
   return records
 
 
@@ -348,7 +356,7 @@ class DecodeClip:
       return None
     self.counter.ok()
     return {"video": video, "caption": record["caption"], "labels": np.full((NUM_LABELS,), -1, np.int32),
-            "index": int(record["index"]), "tags": ""}
+            "index": int(record["index"]), "tags": record.get("tags", "")}
 
   def decode(self, record: dict, rng: np.random.Generator) -> np.ndarray:
     if record.get("error"):

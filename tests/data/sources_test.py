@@ -142,6 +142,25 @@ class TestCaptions:
     records = sources.VideoFolder(root).records
     assert [r["error"].split(":")[0] for r in records] == ["", "no caption", "no path"]
 
+  def test_tags_from_captions_files_reach_the_clip(self, tmp_path):
+    root = str(tmp_path)
+    video_io.write_mp4(os.path.join(root, "a.mp4"), folder_fixture.video(6))
+    with open(os.path.join(root, "captions.jsonl"), "w") as f:
+      f.write(json.dumps({"path": "a.mp4", "caption": "one", "tags": ["cut", " night"]}) + "\n")
+      f.write(json.dumps({"path": "a.mp4", "caption": "two", "tags": "exits"}) + "\n")
+      f.write(json.dumps({"path": "a.mp4", "caption": "three"}) + "\n")
+      f.write(json.dumps({"path": "a.mp4", "caption": "four", "tags": {"cut": 1}}) + "\n")
+    records = sources.VideoFolder(root).records
+    assert [r["tags"] for r in records] == ["cut,night", "exits", "", ""]
+    assert records[3]["error"] == "bad tags: {'cut': 1} in captions.jsonl line 4 is not text or a list of text"
+    csv_path = os.path.join(root, "list.csv")
+    with open(csv_path, "w") as f:
+      f.write("path,caption,tags\na.mp4,x,\"cut, exits\"\na.mp4,y,\n")
+    assert [r["tags"] for r in sources.VideoFolder(csv_path).records] == ["cut,exits", ""]
+    dec = sources.DecodeClip(sources.fixed_size((5, 16, 16)), sources.ClipSpec.from_config({"clip_sampling": "start"}),
+                             seed=0, num_records=4, max_skip_fraction=1)
+    assert dec(0, sources.VideoFolder(root)[0])["tags"] == "cut,night"
+
   def test_csv_without_columns_fails_clearly(self, tmp_path):
     path = os.path.join(str(tmp_path), "list.csv")
     with open(path, "w") as f:
