@@ -87,6 +87,20 @@ def test_strategy_probs():
     masks.strategy_probs({"first": 0.0})
 
 
+def _loss_inputs(x0, **cond):
+  """(config, packed batch) for `denoiser_loss` over `_batch()`'s segments, with `cond` set on config.cond."""
+  frame, seg, nframes = _batch()
+  config = tiny_t2v.get_config("runlocal")
+  config.train_dit.max_segments = 4
+  for key, value in cond.items():  # replaced whole (ConfigDict.update would merge into the demo's dicts)
+    config.cond[key] = value
+  grid = jnp.stack([nframes, jnp.ones_like(nframes), jnp.ones_like(nframes)], -1)
+  batch = {"tokens": x0, "tokens_segment_ids": seg, "coords": jnp.stack([frame] * 3, -1), "grid": grid,
+           "text": jnp.zeros((2, 4), jnp.int32), "text_segment_ids": jnp.zeros((2, 4), jnp.int32),
+           "text_positions": jnp.zeros((2, 4), jnp.int32)}
+  return config, batch
+
+
 class _ZeroModel:
   """Records what the loss feeds the denoiser and predicts zero velocity."""
 
@@ -100,14 +114,8 @@ class _ZeroModel:
 
 def test_loss_gives_conditioned_tokens_clean_and_leaves_them_out():
   frame, seg, nframes = _batch()
-  config = tiny_t2v.get_config("runlocal")
-  config.train_dit.max_segments = 4
-  config.cond.mask_ratios = {"first": 1.0}
   x0 = jax.random.normal(jax.random.key(3), (2, L, 4))
-  grid = jnp.stack([nframes, jnp.ones_like(nframes), jnp.ones_like(nframes)], -1)
-  batch = {"tokens": x0, "tokens_segment_ids": seg, "coords": jnp.stack([frame] * 3, -1), "grid": grid,
-           "text": jnp.zeros((2, 4), jnp.int32), "text_segment_ids": jnp.zeros((2, 4), jnp.int32),
-           "text_positions": jnp.zeros((2, 4), jnp.int32)}
+  config, batch = _loss_inputs(x0, mask_ratios={"first": 1.0})
   rng = jax.random.key(0)
   model = _ZeroModel()
   loss = train_dit.denoiser_loss(model, batch, rng, config)
@@ -129,15 +137,8 @@ def test_loss_gives_conditioned_tokens_clean_and_leaves_them_out():
 
 
 def test_no_token_is_conditioned_before_cond_start_step():
-  frame, seg, nframes = _batch()
-  config = tiny_t2v.get_config("runlocal")
-  config.train_dit.max_segments = 4
-  config.cond.mask_ratios = {"first": 1.0}
-  config.cond.start_step = 10
-  grid = jnp.stack([nframes, jnp.ones_like(nframes), jnp.ones_like(nframes)], -1)
-  batch = {"tokens": jax.random.normal(jax.random.key(3), (2, L, 4)), "tokens_segment_ids": seg,
-           "coords": jnp.stack([frame] * 3, -1), "grid": grid, "text": jnp.zeros((2, 4), jnp.int32),
-           "text_segment_ids": jnp.zeros((2, 4), jnp.int32), "text_positions": jnp.zeros((2, 4), jnp.int32)}
+  config, batch = _loss_inputs(jax.random.normal(jax.random.key(3), (2, L, 4)), mask_ratios={"first": 1.0},
+                               start_step=10)
   model = _ZeroModel()
   before = train_dit.denoiser_loss(model, batch, jax.random.key(0), config, step=jnp.asarray(9))
   assert not np.asarray(model.cond_mask).any()
@@ -166,19 +167,11 @@ def test_a_given_strategy_overrides_the_draw_for_its_segment():
 
 
 def test_segments_with_a_given_strategy_wait_out_of_the_loss_until_the_start_step():
-  frame, seg, nframes = _batch()
-  config = tiny_t2v.get_config("runlocal")
-  config.train_dit.max_segments = 4
-  config.cond.mask_ratios = {"none": 1.0}
-  config.cond.start_step = 10
-  config.cond.tag_strategies = {"exits": "first"}
-  grid = jnp.stack([nframes, jnp.ones_like(nframes), jnp.ones_like(nframes)], -1)
+  frame, seg, _ = _batch()
   x0 = jax.random.normal(jax.random.key(3), (2, L, 4))
+  config, batch = _loss_inputs(x0, mask_ratios={"none": 1.0}, start_step=10, tag_strategies={"exits": "first"})
   first = masks.STRATEGIES.index("first")
-  batch = {"tokens": x0, "tokens_segment_ids": seg, "coords": jnp.stack([frame] * 3, -1), "grid": grid,
-           "text": jnp.zeros((2, 4), jnp.int32), "text_segment_ids": jnp.zeros((2, 4), jnp.int32),
-           "text_positions": jnp.zeros((2, 4), jnp.int32),
-           "given": jnp.asarray([[first, -1, -1, 0], [-1, -1, 0, 0]], jnp.int32)}
+  batch["given"] = jnp.asarray([[first, -1, -1, 0], [-1, -1, 0, 0]], jnp.int32)
   rng = jax.random.key(0)
   model = _ZeroModel()
   _, rng_n = jax.random.split(rng)
