@@ -32,6 +32,8 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
+from sora_jax.parallel import mesh as mesh_lib
+
 BACKENDS = ("xla", "blockwise", "cudnn", "splash", "splash_fused", "auto")
 
 # On CPU "auto" uses blockwise above this length (it is also faster there).
@@ -246,10 +248,10 @@ def _splash_attention(q, k, v, q_segment_ids, kv_segment_ids, block_q, block_kv,
   the batch is vmapped. Lengths are padded to block multiples (segment 0).
   Plain call on one device's shard; `_splash_sharded` wraps it in shard_map.
   """
-  if _target_platform() != "tpu" and not interpret:
+  if mesh_lib.target_platform() != "tpu" and not interpret:
     raise ValueError(
         f"attention backend {'splash_fused' if fused_bwd else 'splash'!r} needs a TPU, but the target "
-        f"platform is {_target_platform()!r}; use backend='xla', 'blockwise' or 'auto'.")
+        f"platform is {mesh_lib.target_platform()!r}; use backend='xla', 'blockwise' or 'auto'.")
   # Imported here: the Pallas TPU ops are only needed (and tested) on TPU.
   from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
 
@@ -288,12 +290,6 @@ def _splash_attention(q, k, v, q_segment_ids, kv_segment_ids, block_q, block_kv,
   return jnp.where(valid[:, :, None, None], out, 0).astype(q.dtype)
 
 
-def _target_platform() -> str:
-  """Platform of the mesh in context (a TPU topology when compiling ahead of time on a CPU host)."""
-  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-  return device.platform if device is not None else jax.default_backend()
-
-
 def _splash_sharded(q, k, v, q_segment_ids, kv_segment_ids, block_q, block_kv, fused_bwd=False):
   """Splash under the mesh in context: a Pallas kernel has no partitioning rule, so shard_map it.
 
@@ -324,7 +320,7 @@ def resolve_backend(backend: str, q_len: int, kv_len: int) -> str:
   """Maps "auto" to a concrete backend for the target platform."""
   if backend != "auto":
     return backend
-  platform = _target_platform()
+  platform = mesh_lib.target_platform()
   if platform == "tpu":
     return "splash"
   if platform == "gpu":

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sora_jax.models import layers
+from sora_jax.parallel import mesh as mesh_lib
 
 # Conv kernels are stored [kh, kw, kt, cin, cout]: each time tap's slice `kernel[:, :, i]` is a 2D conv
 # kernel in XLA's HWIO layout.
@@ -62,7 +63,7 @@ def conv_frames_per_call(t_out: int) -> int:
   frames at 128 x 128 x 96 runs at 120 GFLOP/s forward when all frames share one call and 215 one frame per
   call; its backward 78 and 101, and 92 against 243 at 64 x 64 x 192. Accelerators prefer the largest call.
   """
-  return 1 if jax.default_backend() == "cpu" else t_out
+  return 1 if mesh_lib.target_platform() == "cpu" else t_out
 
 
 def fold_time_taps(kernel_shape: Sequence[int], pixels_per_call: int) -> bool:
@@ -75,7 +76,7 @@ def fold_time_taps(kernel_shape: Sequence[int], pixels_per_call: int) -> bool:
   (experiments/vae/README.md).
   """
   kh, kw, kt, _, cout = kernel_shape
-  return jax.default_backend() == "cpu" and kt > 1 and kh * kw * cout > pixels_per_call
+  return mesh_lib.target_platform() == "cpu" and kt > 1 and kh * kw * cout > pixels_per_call
 
 
 def conv3d_time_valid(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1, 1),

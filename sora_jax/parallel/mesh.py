@@ -84,6 +84,13 @@ def use(mesh: jax.sharding.Mesh, rules):
     yield
 
 
+def target_platform() -> str:
+  """Platform being compiled for: the context mesh's devices (a TPU topology when compiling ahead of time
+  on a CPU host), else the default backend."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
+
+
 def logical_to_spec(names: Sequence[str | None], rules) -> P:
   table = dict(rules)
   return P(*(table.get(n) if n is not None else None for n in names))
