@@ -43,6 +43,8 @@ setuptools.setup(
     license="Apache-2.0",
     python_requires=">=3.10,<3.14",
     packages=setuptools.find_packages(include=["sora_jax", "sora_jax.*"]),
+    # The CPU kernels' C++ source, compiled on first use (sora_jax/kernels/cpu.py).
+    package_data={"sora_jax.kernels": ["*.cc"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     classifiers=[

@@ -273,7 +273,7 @@ def main(argv):
     from sora_jax.models import attention as attention_lib  # pylint: disable=g-import-not-at-top
     with mesh_lib.use(mesh_lib.make_mesh(config.mesh, devices=devices), mesh_lib.DIT_RULES):
       backend = attention_lib.resolve_backend(config.attention, config.train_dit.seq_len,
-                                              config.train_dit.seq_len)
+                                              config.train_dit.seq_len, config.dit.width // config.dit.num_heads)
     report["attention_backend"] = backend
     report.update(compiler_flops_per_chip=c["flops"], compiler_bytes_accessed=c["bytes_accessed"],
                   estimated_step_s=c["seconds"],

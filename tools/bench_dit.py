@@ -268,7 +268,7 @@ class Ours:
     B, L, H = c.train_dit.batch_size, c.train_dit.seq_len, c.dit.num_heads
     q, k, v = (jax.random.normal(jax.random.key(i), (B, L, H, c.dit.width // H)) for i in range(3))
     seg = jnp.ones((B, L), jnp.int32)
-    backend = attention_lib.resolve_backend(c.attention, L, L)
+    backend = attention_lib.resolve_backend(c.attention, L, L, c.dit.width // H)
     attn = lambda q, k, v: attention_lib.attention(q, k, v, seg, seg, backend=backend)  # noqa: E731
     fns = {"forward": (jax.jit(loss), (self.state.params, batch)),
            "forward_backward": (jax.jit(jax.value_and_grad(loss)), (self.state.params, batch)),

@@ -11,6 +11,8 @@ Backends:
   blockwise: flash-style online softmax in pure JAX (lax.map over q blocks,
     lax.scan over kv blocks) with a custom VJP that recomputes block logits,
     so forward and backward memory are O(L). Also the fastest CPU path.
+  cpu_flash: a fused C++ kernel for XLA:CPU (sora_jax/kernels/flash_attention_cpu.cc, built on first use),
+    forward and backward, float32 compute; block logits never leave the cache. CPU only.
   cudnn: jax.nn.dot_product_attention(implementation="cudnn"), GPU only.
   splash: Pallas TPU splash attention with SegmentIds, TPU only; the backward pass runs two kernels (dq, and
     dk/dv), each recomputing the attention probabilities.
@@ -18,8 +20,9 @@ Backends:
     probabilities (10 instead of 14 H Lq Lk D backward FLOPs), at the cost of a transient
     [Lk / block_kv, H, Lq, D] buffer of partial dq per layer (6 GB at 32,760 tokens, 12 heads of 128,
     block 512, bf16).
-  auto: splash on TPU, cudnn on GPU; on CPU blockwise when the longer side
-    exceeds AUTO_BLOCKWISE_MIN_LEN, else xla.
+  auto: splash on TPU, cudnn on GPU; on CPU, when the longer side exceeds
+    AUTO_BLOCKWISE_MIN_LEN, cpu_flash (or blockwise where the kernel cannot be
+    built, or the head dim is not a multiple of 16), else xla.
 """
 from __future__ import annotations
 
@@ -34,10 +37,14 @@ from jax.sharding import PartitionSpec as P
 
 from sora_jax.parallel import mesh as mesh_lib
 
-BACKENDS = ("xla", "blockwise", "cudnn", "splash", "splash_fused", "auto")
+BACKENDS = ("xla", "blockwise", "cpu_flash", "cudnn", "splash", "splash_fused", "auto")
 
-# On CPU "auto" uses blockwise above this length (it is also faster there).
+# On CPU "auto" uses cpu_flash (or blockwise) above this length (also faster there).
 AUTO_BLOCKWISE_MIN_LEN = 1024
+
+# cpu_flash's tiles: query rows per work item and keys per logit tile (a 64 x 256 f32 tile is 64 KB).
+CPU_FLASH_BLOCK_Q = 64
+CPU_FLASH_BLOCK_KV = 256
 
 # Checkpoint name of what the backward pass of splash and blockwise attention needs from the forward (the
 # output and the softmax log-sum-exp). The DiT's remat policy "save_attention" keeps exactly these, so the
@@ -212,6 +219,61 @@ def _blockwise_bwd(block_q, block_kv, precision, res, dout):
 _blockwise_attention.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
+def _cpu_flash_call(target, results, *args):
+  from sora_jax.kernels import cpu as cpu_kernels  # pylint: disable=g-import-not-at-top
+  cpu_kernels.load()
+  return jax.ffi.ffi_call(target, results, vmap_method="sequential")(
+      *args, block_q=np.int64(CPU_FLASH_BLOCK_Q), block_kv=np.int64(CPU_FLASH_BLOCK_KV))
+
+
+@jax.custom_vjp
+def _cpu_flash(q, k, v, qseg, kseg):
+  return _cpu_flash_fwd(q, k, v, qseg, kseg)[0]
+
+
+def _cpu_flash_fwd(q, k, v, qseg, kseg):
+  from sora_jax.kernels import cpu as cpu_kernels  # pylint: disable=g-import-not-at-top
+  b, lq, h, _ = q.shape
+  out, lse = _cpu_flash_call(cpu_kernels.FLASH_FORWARD,
+                             (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                              jax.ShapeDtypeStruct((b, h, lq), jnp.float32)), q, k, v, qseg, kseg)
+  out, lse = (checkpoint_name(x, RESIDUALS_NAME) for x in (out, lse))
+  return out, (q, k, v, qseg, kseg, out, lse)
+
+
+def _cpu_flash_bwd(res, dout):
+  from sora_jax.kernels import cpu as cpu_kernels  # pylint: disable=g-import-not-at-top
+  q, k, v, qseg, kseg, out, lse = res
+  dq, dk, dv = _cpu_flash_call(cpu_kernels.FLASH_BACKWARD,
+                               tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
+                               q, k, v, qseg, kseg, out, lse, dout.astype(jnp.float32))
+  return dq, dk, dv, None, None
+
+
+_cpu_flash.defvjp(_cpu_flash_fwd, _cpu_flash_bwd)
+
+
+def cpu_flash_supported(head_dim: int) -> bool:
+  """Whether cpu_flash can run here: compiling for CPU, head dim a multiple of 16, kernel built."""
+  if mesh_lib.target_platform() != "cpu" or head_dim % 16:
+    return False
+  from sora_jax.kernels import cpu as cpu_kernels  # pylint: disable=g-import-not-at-top
+  return cpu_kernels.available()
+
+
+def _cpu_flash_attention(q, k, v, q_segment_ids, kv_segment_ids):
+  """The fused C++ CPU kernel; computes in float32 and returns q.dtype."""
+  if mesh_lib.target_platform() != "cpu":
+    raise ValueError(f"attention backend 'cpu_flash' runs on CPU only, but the target platform is "
+                     f"{mesh_lib.target_platform()!r}; use backend='auto'.")
+  if q.shape[-1] % 16:
+    raise ValueError(f"attention backend 'cpu_flash' needs a head dim that is a multiple of 16; got "
+                     f"{q.shape[-1]}. Use backend='blockwise'.")
+  f32 = lambda x: x.astype(jnp.float32)
+  out = _cpu_flash(f32(q), f32(k), f32(v), q_segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32))
+  return out.astype(q.dtype)
+
+
 def _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids):
   """cuDNN flash attention through `jax.nn.dot_product_attention`.
 
@@ -246,7 +308,7 @@ def _splash_attention(q, k, v, q_segment_ids, kv_segment_ids, block_q, block_kv,
 
   The kernel is single-example ([H, L, D]) and unscaled, so q is pre-scaled and
   the batch is vmapped. Lengths are padded to block multiples (segment 0).
-  Plain call on one device's shard; `_splash_sharded` wraps it in shard_map.
+  Plain call on one device's shard; `_per_shard` wraps it in shard_map.
   """
   if mesh_lib.target_platform() != "tpu" and not interpret:
     raise ValueError(
@@ -290,8 +352,8 @@ def _splash_attention(q, k, v, q_segment_ids, kv_segment_ids, block_q, block_kv,
   return jnp.where(valid[:, :, None, None], out, 0).astype(q.dtype)
 
 
-def _splash_sharded(q, k, v, q_segment_ids, kv_segment_ids, block_q, block_kv, fused_bwd=False):
-  """Splash under the mesh in context: a Pallas kernel has no partitioning rule, so shard_map it.
+def _per_shard(fn, q, k, v, q_segment_ids, kv_segment_ids):
+  """Runs a kernel without a partitioning rule (splash, cpu_flash) on each shard of the mesh in context.
 
   Batch goes over ('data', 'fsdp'), heads over 'tensor', queries over 'context'; keys and values are
   gathered along the sequence (all-gather context parallelism), so any segment layout stays exact.
@@ -299,7 +361,7 @@ def _splash_sharded(q, k, v, q_segment_ids, kv_segment_ids, block_q, block_kv, f
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
-    return _splash_attention(q, k, v, q_segment_ids, kv_segment_ids, block_q, block_kv, fused_bwd=fused_bwd)
+    return fn(q, k, v, q_segment_ids, kv_segment_ids)
   size = dict(zip(mesh.axis_names, mesh.axis_sizes))
 
   def axis(names, dim):
@@ -310,14 +372,13 @@ def _splash_sharded(q, k, v, q_segment_ids, kv_segment_ids, block_q, block_kv, f
   heads = axis(("tensor",), q.shape[2])
   qlen = axis(("context",), q.shape[1])
   qspec, kvspec = P(batch, qlen, heads, None), P(batch, None, heads, None)
-  fn = functools.partial(_splash_attention, block_q=block_q, block_kv=block_kv, fused_bwd=fused_bwd)
   return jax.shard_map(
       fn, mesh=mesh, in_specs=(qspec, kvspec, kvspec, P(batch, qlen), P(batch, None)), out_specs=qspec,
       check_vma=False)(q, k, v, q_segment_ids, kv_segment_ids)
 
 
-def resolve_backend(backend: str, q_len: int, kv_len: int) -> str:
-  """Maps "auto" to a concrete backend for the target platform."""
+def resolve_backend(backend: str, q_len: int, kv_len: int, head_dim: int | None = None) -> str:
+  """Maps "auto" to a concrete backend for the target platform (and, on CPU, the head dim)."""
   if backend != "auto":
     return backend
   platform = mesh_lib.target_platform()
@@ -325,7 +386,9 @@ def resolve_backend(backend: str, q_len: int, kv_len: int) -> str:
     return "splash"
   if platform == "gpu":
     return "cudnn"
-  return "blockwise" if max(q_len, kv_len) > AUTO_BLOCKWISE_MIN_LEN else "xla"
+  if max(q_len, kv_len) <= AUTO_BLOCKWISE_MIN_LEN:
+    return "xla"
+  return "cpu_flash" if head_dim is not None and cpu_flash_supported(head_dim) else "blockwise"
 
 
 def attention(q, k, v, q_segment_ids, kv_segment_ids, *, backend: str = "xla",
@@ -338,7 +401,7 @@ def attention(q, k, v, q_segment_ids, kv_segment_ids, *, backend: str = "xla",
     v: [B, Lk, H, D] values.
     q_segment_ids: int32 [B, Lq], 0 = padding.
     kv_segment_ids: int32 [B, Lk], same numbering as `q_segment_ids`.
-    backend: one of "xla", "blockwise", "cudnn", "splash", "splash_fused", "auto".
+    backend: one of BACKENDS.
     block_q: query block size (blockwise, splash).
     block_kv: key/value block size (blockwise, splash).
     precision: matmul precision passed to einsums (xla, blockwise).
@@ -354,7 +417,7 @@ def attention(q, k, v, q_segment_ids, kv_segment_ids, *, backend: str = "xla",
   if q_segment_ids.shape != q.shape[:2] or kv_segment_ids.shape != k.shape[:2]:
     raise ValueError(f"Segment ids must be [B, Lq] {q.shape[:2]} and [B, Lk] {k.shape[:2]}; "
                      f"got {q_segment_ids.shape} and {kv_segment_ids.shape}.")
-  backend = resolve_backend(backend, q.shape[1], k.shape[1])
+  backend = resolve_backend(backend, q.shape[1], k.shape[1], q.shape[-1])
   if backend == "xla":
     return _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, precision)
   if backend == "blockwise":
@@ -364,6 +427,9 @@ def attention(q, k, v, q_segment_ids, kv_segment_ids, *, backend: str = "xla",
   if backend == "cudnn":
     return _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids)
   if backend in ("splash", "splash_fused"):
-    return _splash_sharded(q, k, v, q_segment_ids, kv_segment_ids, block_q, block_kv,
+    fn = functools.partial(_splash_attention, block_q=block_q, block_kv=block_kv,
                            fused_bwd=backend == "splash_fused")
+    return _per_shard(fn, q, k, v, q_segment_ids, kv_segment_ids)
+  if backend == "cpu_flash":
+    return _per_shard(_cpu_flash_attention, q, k, v, q_segment_ids, kv_segment_ids)
   raise ValueError(f"Unknown attention backend {backend!r}; expected one of {BACKENDS}.")

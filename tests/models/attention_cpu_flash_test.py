@@ -1,0 +1,174 @@
+"""Tests for the cpu_flash attention backend (the C++ kernel of sora_jax/kernels): it agrees with the XLA
+reference in value and gradient across block edges, segments, padding and keyless queries, works sharded,
+keeps its residuals under save_attention remat, and fails clearly where it cannot run."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from sora_jax.kernels import cpu as cpu_kernels
+from sora_jax.models import attention as attention_lib
+from sora_jax.models.attention import attention
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler for the CPU kernels")
+
+
+def _ids(lengths, total):
+  ids = np.zeros(total, np.int32)
+  pos = 0
+  for i, n in enumerate(lengths):
+    ids[pos:pos + n] = i + 1
+    pos += n
+  return ids
+
+
+def _qkv(b, lq, lk, h, d, dtype=jnp.float32, seed=0):
+  rng = np.random.RandomState(seed)
+  return tuple(jnp.asarray(rng.randn(b, n, h, d), dtype) for n in (lq, lk, lk))
+
+
+def _value_and_grads(backend, q, k, v, qseg, kseg, w):
+  @jax.jit
+  def f(q, k, v):
+    out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, qseg, kseg, backend=backend), q, k, v)
+    return out, vjp(w.astype(out.dtype))
+
+  return f(q, k, v)
+
+
+# The kernel tiles queries by 64 and keys by 256 (AVX-512; 64 x 256 on AVX2 too): 300 and 77 cross tile
+# edges and neither is a multiple of the vector width. Row 0 of the self case packs three segments, one
+# straddling a key tile edge, and ends in padding; row 1 is one segment (whole tiles unmasked). In the cross
+# case row 1's segment 3 has no keys.
+CASES = {
+    "self": (np.stack([_ids([100, 170, 20], 300), _ids([300], 300)]),) * 2,
+    "cross": (np.stack([_ids([90, 120, 60], 300), _ids([100, 50, 150], 300)]),
+              np.stack([_ids([30, 20, 27], 77), _ids([40, 37], 77)])),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_matches_xla_in_value_and_gradient(case, head_dim):
+  qseg, kseg = (jnp.asarray(x) for x in CASES[case])
+  q, k, v = _qkv(2, qseg.shape[1], kseg.shape[1], 3, head_dim)
+  w = jnp.asarray(np.random.RandomState(1).randn(*q.shape), jnp.float32)
+  out_ref, grads_ref = _value_and_grads("xla", q, k, v, qseg, kseg, w)
+  out, grads = _value_and_grads("cpu_flash", q, k, v, qseg, kseg, w)
+  np.testing.assert_allclose(out, out_ref, atol=2e-5, rtol=1e-4)
+  for g, g_ref in zip(grads, grads_ref):
+    np.testing.assert_allclose(g, g_ref, atol=2e-5, rtol=1e-4)
+
+
+def test_padding_and_keyless_queries_are_exactly_zero_with_zero_gradient():
+  qseg, kseg = (jnp.asarray(x) for x in CASES["cross"])
+  q, k, v = _qkv(2, 300, 77, 2, 16)
+  w = jnp.ones(q.shape, jnp.float32)
+  out, (dq, _, _) = _value_and_grads("cpu_flash", q, k, v, qseg, kseg, w)
+  out, dq = np.asarray(out), np.asarray(dq)
+  assert np.isfinite(out).all() and np.isfinite(dq).all()
+  assert (out[0, 270:] == 0).all() and (dq[0, 270:] == 0).all()  # padding queries
+  assert (out[1, 150:] == 0).all() and (dq[1, 150:] == 0).all()  # segment 3: no keys; then padding
+  assert (np.abs(out[1, :150]) > 0).all()
+
+
+def test_bfloat16_inputs_compute_in_float32():
+  qseg, kseg = (jnp.asarray(x) for x in CASES["self"])
+  q, k, v = _qkv(2, 300, 300, 2, 16, dtype=jnp.bfloat16)
+  out = attention(q, k, v, qseg, kseg, backend="cpu_flash")
+  ref = attention(*(x.astype(jnp.float32) for x in (q, k, v)), qseg, kseg, backend="xla")
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_sharded_over_a_mesh_matches_one_device():
+  """A kernel has no partitioning rule: under a mesh it runs per shard (batch over fsdp, heads over tensor)."""
+  from sora_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  if jax.device_count() < 4:
+    pytest.skip("needs 4 devices")
+  qseg, kseg = (jnp.asarray(x) for x in CASES["cross"])
+  q, k, v = _qkv(2, 300, 77, 2, 16)
+  expected = attention(q, k, v, qseg, kseg, backend="xla")
+  mesh = mesh_lib.make_mesh([("data", 1), ("fsdp", 2), ("context", 1), ("tensor", 2)], devices=jax.devices()[:4])
+  with mesh_lib.use(mesh, mesh_lib.DIT_RULES):
+    shard = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
+    args = [shard(x, P("fsdp", None, "tensor")) for x in (q, k, v)]
+    segs = [shard(x, P("fsdp")) for x in (qseg, kseg)]
+    out = jax.jit(lambda q, k, v, a, b: attention(q, k, v, a, b, backend="cpu_flash"))(*args, *segs)
+  np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-4)
+
+
+def _count_kernel_calls(jaxpr, target):
+  n = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "ffi_call" and eqn.params.get("target_name") == target:
+      n += 1
+    for v in eqn.params.values():
+      for sub in (v if isinstance(v, (list, tuple)) else [v]):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          n += _count_kernel_calls(sub.jaxpr, target)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          n += _count_kernel_calls(sub, target)
+  return n
+
+
+def test_save_attention_remat_keeps_the_kernel_out_of_the_recompute():
+  from sora_jax.models import dit  # pylint: disable=import-outside-toplevel
+  q, k, v = _qkv(2, 64, 64, 2, 16)
+  seg = jnp.ones((2, 64), jnp.int32)
+
+  def f(q, k, v):
+    return jnp.sum(jnp.tanh(attention(jnp.sin(q), k, v, seg, seg, backend="cpu_flash")))
+
+  calls, grads = {}, {}
+  for policy in ("none", "full", "save_attention"):
+    fn = f if policy == "none" else jax.checkpoint(f, policy=dit.REMAT_POLICIES[policy])
+    g = jax.grad(fn, argnums=(0, 1, 2))
+    calls[policy] = _count_kernel_calls(jax.make_jaxpr(g)(q, k, v).jaxpr, cpu_kernels.FLASH_FORWARD)
+    grads[policy] = g(q, k, v)
+  assert calls == {"none": 1, "full": 2, "save_attention": 1}, calls
+  for policy in ("full", "save_attention"):
+    for g, e in zip(grads[policy], grads["none"]):
+      np.testing.assert_allclose(g, e, atol=1e-6, rtol=1e-5)
+
+
+def test_auto_picks_the_kernel_for_long_sequences_with_a_supported_head_dim():
+  assert attention_lib.resolve_backend("auto", 2048, 77, 64) == "cpu_flash"
+  assert attention_lib.resolve_backend("auto", 2048, 77, 8) == "blockwise"  # head dim not a multiple of 16
+  assert attention_lib.resolve_backend("auto", 512, 77, 64) == "xla"
+
+
+def test_head_dim_error_names_the_value():
+  q, k, v = _qkv(1, 32, 32, 2, 8)
+  seg = jnp.ones((1, 32), jnp.int32)
+  with pytest.raises(ValueError, match="multiple of 16; got 8"):
+    attention(q, k, v, seg, seg, backend="cpu_flash")
+
+
+def test_build_failures_are_one_line_errors(tmp_path, monkeypatch):
+  monkeypatch.setenv("SORA_JAX_KERNEL_CACHE", str(tmp_path / "cache"))
+  monkeypatch.setenv("CXX", "no-such-compiler-here")
+  with pytest.raises(cpu_kernels.KernelUnavailable, match="no C\\+\\+ compiler 'no-such-compiler-here'"):
+    cpu_kernels.build()
+  monkeypatch.delenv("CXX")
+  broken = tmp_path / "broken.cc"
+  broken.write_text("this is not C++;\n")
+  monkeypatch.setattr(cpu_kernels, "SOURCE", broken)
+  with pytest.raises(cpu_kernels.KernelUnavailable, match="failed on broken.cc: .*error") as e:
+    cpu_kernels.build()
+  assert "\n" not in str(e.value)
+  assert not any(p.suffix == ".so" for p in (tmp_path / "cache").iterdir())  # nothing half-written is left
+
+
+def test_library_is_cached_per_source(tmp_path, monkeypatch):
+  monkeypatch.setenv("SORA_JAX_KERNEL_CACHE", str(tmp_path))
+  first = cpu_kernels.library_path()
+  assert first.parent == tmp_path and first.name.startswith("flash_attention_cpu-")
+  changed = tmp_path / "flash_attention_cpu.cc"
+  changed.write_text(cpu_kernels.SOURCE.read_text() + "\n// changed\n")
+  monkeypatch.setattr(cpu_kernels, "SOURCE", changed)
+  assert cpu_kernels.library_path() != first
+  assert os.path.exists(cpu_kernels.load())  # the real library, loaded once per process
