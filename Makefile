@@ -6,6 +6,10 @@ STAMP := $(VENV)/.installed
 EXTRAS ?= test,eval,text
 WORKDIR ?= /tmp/sora_jax_demo
 export JAX_PLATFORMS ?= cpu
+# glibc backs large allocations with transparent huge pages: XLA:CPU's per-step buffers then fault in 2 MB
+# at a time instead of 4 KB (about 460k faults a step of the bench DiT), 5-6% off a CPU training step
+# (experiments/scaling/README.md). Other C libraries ignore it.
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: venv demo test test-all lock clean
 

@@ -46,6 +46,7 @@ The last line is one JSON object: `step_time_ratio` (ours / peer), `fraction_of_
 import ast
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -72,7 +73,7 @@ def _define_flags():
   flags.DEFINE_integer("batch", 2, "Samples per step.")
   flags.DEFINE_integer("text_tokens", 64, "Text tokens per sample.")
   flags.DEFINE_integer("text_dim", 384, "Width of the text states.")
-  flags.DEFINE_string("attention", "auto", "config.attention of ours (auto: blockwise on CPU above 1024 tokens).")
+  flags.DEFINE_string("attention", "auto", "config.attention of ours (auto: cpu_flash on CPU above 1024 tokens).")
   flags.DEFINE_integer("warmup", 1, "Untimed steps per worker after build (and, for ours, the compile).")
   flags.DEFINE_integer("steps", 3, "Timed steps per worker per round.")
   flags.DEFINE_integer("rounds", 3, "Alternating rounds.")
@@ -500,15 +501,19 @@ def run_worker(impl: str, args: dict) -> None:
     if line.strip() == "profile":
       _emit({"profile": bench.profile()})
       continue
-    times, others = [], []
+    times, others, faults = [], [], []
     for _ in range(args["steps"]):
       busy0, own0 = _machine_busy_s(), _own_cpu_s()
+      faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       times.append(bench.step())
+      faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0)
       # CPU time other processes took on this worker's cores during the step, as a share of those cores'
       # time: 0 = the step had its cores to itself.
       others.append(max(0.0, (_machine_busy_s() - busy0) - (_own_cpu_s() - own0))
                     / (times[-1] * len(os.sched_getaffinity(0))))
-    _emit({"step_s": times, "others": others, "peak_gflops": bench.peak_gflops(), "loss": bench.loss})
+    # Minor page faults: memory the step touched for the first time (fresh buffers from the OS).
+    _emit({"step_s": times, "others": others, "page_faults": faults, "peak_gflops": bench.peak_gflops(),
+           "loss": bench.loss})
 
 
 # ---------------------------------------------------------------- parent
@@ -571,6 +576,7 @@ def main(argv):
             f"build {ready[impl]['build_s']:.1f} s, first step {ready[impl]['first_step_s']:.1f} s", flush=True)
     times = {i: [] for i in impls}
     others = {i: [] for i in impls}
+    faults = {i: [] for i in impls}
     peaks = {i: [] for i in impls}
     rounds = []
     for r in range(args["rounds"]):
@@ -581,11 +587,13 @@ def main(argv):
         res = workers[impl].read()
         times[impl] += res["step_s"]
         others[impl] += res["others"]
+        faults[impl] += res["page_faults"]
         peaks[impl].append(res["peak_gflops"])
         row[impl] = statistics.median(res["step_s"]) * 1e3
         print(f"round {r + 1}/{args['rounds']} {impl}: median {row[impl]:.0f} ms "
               f"(steps {', '.join(f'{t * 1e3:.0f}' for t in res['step_s'])}; others' CPU share "
-              f"{', '.join(f'{o:.2f}' for o in res['others'])}), loss {res['loss']:.3f}, "
+              f"{', '.join(f'{o:.2f}' for o in res['others'])}; page faults "
+              f"{', '.join(str(n) for n in res['page_faults'])}), loss {res['loss']:.3f}, "
               f"matmul {res['peak_gflops']:.1f} GFLOP/s", flush=True)
       rounds.append(row)
     breakdown = {}
@@ -615,7 +623,8 @@ def main(argv):
          **({"breakdown_ms": breakdown} if breakdown else {}),
          "config": {**{k: args[k] for k in names if k not in ("warmup", "steps", "rounds")},
                     "tokens_per_sample": config.train_dit.seq_len, "set": F.set,
-                    "xla_flags": os.environ.get("XLA_FLAGS", "")}}
+                    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                    "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}}
   quiet = {i: [t for t, o in zip(times[i], others[i]) if o < F.quiet] for i in impls}
   use_quiet = all(len(q) >= 3 for q in quiet.values())
   out["step_times_from"] = "quiet steps" if use_quiet else "all steps"
@@ -628,6 +637,7 @@ def main(argv):
     out[f"{impl}_quiet_steps"] = len(quiet[impl])
     out[f"{impl}_steps_ms"] = [round(t * 1e3) for t in times[impl]]
     out[f"{impl}_others_cpu_share"] = [round(o, 3) for o in others[impl]]
+    out[f"{impl}_page_faults_per_step"] = statistics.median(faults[impl])
     out[f"{impl}_gflops"] = gflops
     out[f"{impl}_fraction_of_matmul_peak"] = gflops / peak
     out[f"{impl}_params"] = ready[impl]["params"]
