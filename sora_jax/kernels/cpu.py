@@ -1,7 +1,7 @@
 """Builds sora_jax's C++ kernels for XLA:CPU on first use and registers them as FFI targets.
 
 The sources ship inside the package. The first call compiles them with the host's C++ compiler (`$CXX`,
-default `g++`) for the host's CPU (`-march=native`) into a cache directory (`$SORA_JAX_KERNEL_CACHE`,
+default `g++`) for the host's CPU (`-march=native`, or `$SORA_JAX_KERNEL_ARCH`) into a cache directory (`$SORA_JAX_KERNEL_CACHE`,
 default `~/.cache/sora_jax/kernels`); the file name carries a hash of the source, the flags, the CPU's
 model and feature flags and the jax version, so a shared home directory serves machines of different kinds
 and a changed source rebuilds. The build writes to a temporary file and renames it, so processes that start
@@ -50,7 +50,10 @@ def _compiler() -> str:
 
 
 def _flags() -> list[str]:
-  return ["-O3", "-march=native", "-std=c++17", "-ffp-contract=fast", "-fno-math-errno", "-fno-signed-zeros", "-shared", "-fPIC",
+  # $SORA_JAX_KERNEL_ARCH (default native) picks the instruction set, e.g. x86-64-v3 (AVX2) for a cache
+  # shared by machines of different kinds.
+  arch = os.environ.get("SORA_JAX_KERNEL_ARCH") or "native"
+  return ["-O3", f"-march={arch}", "-std=c++17", "-ffp-contract=fast", "-fno-math-errno", "-fno-signed-zeros", "-shared", "-fPIC",
           "-isystem", jax.ffi.include_dir()]
 
 

@@ -172,3 +172,33 @@ def test_library_is_cached_per_source(tmp_path, monkeypatch):
   monkeypatch.setattr(cpu_kernels, "SOURCE", changed)
   assert cpu_kernels.library_path() != first
   assert os.path.exists(cpu_kernels.load())  # the real library, loaded once per process
+
+
+_AVX2_CHECK = """
+import jax, jax.numpy as jnp, numpy as np
+from sora_jax.models.attention import attention
+rng = np.random.RandomState(0)
+q, k, v = (jnp.asarray(rng.randn(2, n, 2, 16), jnp.float32) for n in (100, 70, 70))
+qs = jnp.asarray(np.stack([np.r_[np.ones(60), 2 * np.ones(30), np.zeros(10)], np.ones(100)]), jnp.int32)
+ks = jnp.asarray(np.stack([np.r_[np.ones(40), 2 * np.ones(30)], np.ones(70)]), jnp.int32)
+f = lambda b: jax.value_and_grad(lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v, qs, ks, backend=b))),
+                                 argnums=(0, 1, 2))(q, k, v)
+for a, e in zip(jax.tree.leaves(f("cpu_flash")), jax.tree.leaves(f("xla"))):
+  np.testing.assert_allclose(a, e, atol=2e-5, rtol=1e-4)
+print("ok")
+"""
+
+
+def test_avx2_build_matches_xla(tmp_path):
+  """The kernel's 8-wide (AVX2) variant, built for x86-64-v3, in a process of its own (FFI target names are
+  per process). Skipped where this CPU cannot run AVX2."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  flags = open("/proc/cpuinfo", encoding="utf-8").read() if os.path.exists("/proc/cpuinfo") else ""
+  if " avx2" not in flags or " fma" not in flags:
+    pytest.skip("this CPU has no AVX2")
+  env = dict(os.environ, SORA_JAX_KERNEL_ARCH="x86-64-v3", SORA_JAX_KERNEL_CACHE=str(tmp_path), XLA_FLAGS="")
+  proc = subprocess.run([sys.executable, "-c", _AVX2_CHECK], env=env, capture_output=True, text=True,
+                        timeout=300, check=False)
+  assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+  assert any(p.suffix == ".so" for p in tmp_path.iterdir())
