@@ -39,7 +39,12 @@ class KernelUnavailable(RuntimeError):
 
 
 def cache_dir() -> Path:
-  return Path(os.environ.get("SORA_JAX_KERNEL_CACHE") or Path.home() / ".cache" / "sora_jax" / "kernels")
+  if os.environ.get("SORA_JAX_KERNEL_CACHE"):
+    return Path(os.environ["SORA_JAX_KERNEL_CACHE"])
+  try:
+    return Path.home() / ".cache" / "sora_jax" / "kernels"
+  except RuntimeError:  # no home directory (some batch systems)
+    return Path(tempfile.gettempdir()) / "sora_jax_kernels"
 
 
 def _compiler() -> str:

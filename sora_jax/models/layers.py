@@ -11,7 +11,6 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.experimental import layout as layout_lib
 
 from sora_jax import segments
 from sora_jax.models import attention as attention_lib
@@ -23,11 +22,6 @@ Shape = int | Sequence[int]
 
 def _tuple(x: Shape) -> tuple[int, ...]:
   return (x,) if isinstance(x, int) else tuple(x)
-
-
-def _row_major(x: jax.Array) -> jax.Array:
-  """Pins x's layout, and through the constraint's transpose rule its cotangent's, to row-major."""
-  return layout_lib.with_layout_constraint(x, layout_lib.Layout(tuple(range(x.ndim))))
 
 
 class Dense(nnx.Module):
@@ -66,10 +60,10 @@ class Dense(nnx.Module):
     # platforms choose their own layouts, and eager calls have no fusions.
     pin = isinstance(x, jax.core.Tracer) and x.ndim > n and mesh_lib.target_platform() == "cpu"
     if pin:
-      x = _row_major(x)
+      x = mesh_lib.pin_row_major(x)
     y = jax.lax.dot_general(x, k, ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())))
     if pin:
-      y = _row_major(y)
+      y = mesh_lib.pin_row_major(y)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y

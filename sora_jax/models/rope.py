@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sora_jax import segments
+from sora_jax.parallel import mesh as mesh_lib
 
 
 def _freqs(num_pairs: int, theta: float) -> jax.Array:
@@ -37,8 +38,21 @@ def rope_3d(coords: jax.Array, head_dim: int, theta: float = 10000.0):
   """
   if head_dim % 2:
     raise ValueError(f"3D RoPE needs an even head_dim, got {head_dim}")
-  angles = _angles_3d(coords, head_dim // 2, theta)
-  return jnp.cos(angles), jnp.sin(angles)
+  return _tables(_angles_3d(coords, head_dim // 2, theta))
+
+
+def _tables(angles: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(cos, sin) of the angles, computed once.
+
+  Left to itself, XLA:CPU fuses cos and sin into every layer's rotation and evaluates them again for each
+  head: 24 rotations (fwd + bwd) of [2, 1280, 6, 64] take 91 ms that way and 31 ms from tables of their own
+  (experiments/scaling/README.md). A row-major layout pin keeps the tables buffers of their own; only when
+  compiling for CPU, as `layers.Dense`'s pins.
+  """
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  if isinstance(angles, jax.core.Tracer) and mesh_lib.target_platform() == "cpu":
+    cos, sin = mesh_lib.pin_row_major(cos), mesh_lib.pin_row_major(sin)
+  return cos, sin
 
 
 def sincos_3d(coords: jax.Array, dim: int, theta: float = 10000.0) -> jax.Array:
@@ -53,8 +67,7 @@ def sincos_3d(coords: jax.Array, dim: int, theta: float = 10000.0) -> jax.Array:
 
 def rope_1d(positions: jax.Array, head_dim: int, theta: float = 10000.0):
   """positions [B, L] -> (cos, sin) [B, L, head_dim // 2]."""
-  angles = positions[..., None].astype(jnp.float32) * _freqs(head_dim // 2, theta)
-  return jnp.cos(angles), jnp.sin(angles)
+  return _tables(positions[..., None].astype(jnp.float32) * _freqs(head_dim // 2, theta))
 
 
 def apply(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from flax import nnx
 from flax.core import spmd
+from jax.experimental import layout as layout_lib
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "context", "tensor")
@@ -89,6 +90,15 @@ def target_platform() -> str:
   on a CPU host), else the default backend."""
   device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
   return device.platform if device is not None else jax.default_backend()
+
+
+def pin_row_major(x: jax.Array) -> jax.Array:
+  """Pins x's layout, and through the constraint's transpose rule its cotangent's, to row-major.
+
+  On XLA:CPU the constraint also keeps x a buffer of its own: elementwise producers are not fused into
+  (and recomputed by) its consumers. Callers use it only when compiling for CPU (`target_platform()`).
+  """
+  return layout_lib.with_layout_constraint(x, layout_lib.Layout(tuple(range(x.ndim))))
 
 
 def logical_to_spec(names: Sequence[str | None], rules) -> P:

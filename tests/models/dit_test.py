@@ -157,6 +157,30 @@ def test_sincos_3d_uses_the_rope_angles():
     rope_lib.sincos_3d(coords, 35)
 
 
+def test_rope_tables_are_pinned_on_cpu_and_rotation_derivatives_are_unchanged():
+  """On CPU the (cos, sin) tables carry a layout pin (kept buffers of their own, not recomputed per layer);
+  the rotation's value, gradient and forward-mode tangent equal those from unpinned tables."""
+  coords = jnp.asarray(np.random.default_rng(0).integers(0, 9, (2, 5, 3)), jnp.float32)
+  x = jax.random.normal(jax.random.key(0), (2, 5, 3, 8))
+  assert "layout_constraint" in str(jax.make_jaxpr(lambda c: rope_lib.rope_3d(c, 8))(coords))
+  assert "layout_constraint" in str(jax.make_jaxpr(lambda p: rope_lib.rope_1d(p, 8))(coords[..., 0]))
+
+  def pinned(x, c):
+    return jnp.sum(jnp.sin(rope_lib.apply(x, *rope_lib.rope_3d(c, 8))))
+
+  def plain(x, c):
+    angles = rope_lib._angles_3d(c, 4, 10000.0)  # pylint: disable=protected-access
+    return jnp.sum(jnp.sin(rope_lib.apply(x, jnp.cos(angles), jnp.sin(angles))))
+
+  np.testing.assert_allclose(jax.jit(pinned)(x, coords), jax.jit(plain)(x, coords), rtol=1e-6)
+  for a, e in zip(jax.jit(jax.grad(pinned, argnums=(0, 1)))(x, coords),
+                  jax.jit(jax.grad(plain, argnums=(0, 1)))(x, coords)):
+    np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
+  tangent = jnp.cos(x)
+  jvp = lambda f: jax.jit(lambda x, c: jax.jvp(lambda x: f(x, c), (x,), (tangent,))[1])(x, coords)  # noqa: E731
+  np.testing.assert_allclose(jvp(pinned), jvp(plain), rtol=1e-5, atol=1e-6)
+
+
 def test_oblique_3d_is_a_fixed_set_of_spacetime_plane_waves():
   coords = jnp.asarray(np.random.default_rng(0).integers(0, 9, (2, 6, 3)))
   shift = jnp.asarray([[[1, 2, 3]]])
