@@ -25,8 +25,8 @@ weights, one whole training step timed:
 Each side lives in its own worker process (ours in this interpreter, the peer in `--ref_python`, a venv with
 torch and diffusers), both pinned to the same `--threads` cores (sched_setaffinity: XLA sizes its pool from
 it; torch.set_num_threads). Workers build, compile and warm up once, then the parent alternates them for
-`--rounds` rounds of `--steps` timed steps (the order flips every round), so both see the same noise on a
-shared machine; the idle worker blocks on a pipe. Each timed step also records the share of the machine's
+`--rounds` rounds of `--steps` timed steps (the order flips every round; `--round_warmup` untimed steps
+first, on both sides), so both see the same noise on a shared machine; the idle worker blocks on a pipe. Each timed step also records the share of the machine's
 pinned cores' time that other processes took meanwhile (/proc/stat busy time of those cores less the
 worker's own CPU time). Reported
 step times are medians over the quiet steps (share under `--quiet`) when each side has at least 3 of
@@ -75,6 +75,9 @@ def _define_flags():
   flags.DEFINE_integer("text_dim", 384, "Width of the text states.")
   flags.DEFINE_string("attention", "auto", "config.attention of ours (auto: cpu_flash on CPU above 1024 tokens).")
   flags.DEFINE_integer("warmup", 1, "Untimed steps per worker after build (and, for ours, the compile).")
+  flags.DEFINE_integer("round_warmup", 0, "Untimed steps at the start of every round, both sides (their times "
+                       "are printed and kept apart): the first step after the other side's round can pay for "
+                       "the other process having run on the same cores.")
   flags.DEFINE_integer("steps", 3, "Timed steps per worker per round.")
   flags.DEFINE_integer("rounds", 3, "Alternating rounds.")
   flags.DEFINE_integer("threads", 2, "Cores each worker is pinned to (0: all of this process's cores).")
@@ -501,6 +504,7 @@ def run_worker(impl: str, args: dict) -> None:
     if line.strip() == "profile":
       _emit({"profile": bench.profile()})
       continue
+    warm = [bench.step() for _ in range(args["round_warmup"])]
     times, others, faults = [], [], []
     for _ in range(args["steps"]):
       busy0, own0 = _machine_busy_s(), _own_cpu_s()
@@ -512,8 +516,8 @@ def run_worker(impl: str, args: dict) -> None:
       others.append(max(0.0, (_machine_busy_s() - busy0) - (_own_cpu_s() - own0))
                     / (times[-1] * len(os.sched_getaffinity(0))))
     # Minor page faults: memory the step touched for the first time (fresh buffers from the OS).
-    _emit({"step_s": times, "others": others, "page_faults": faults, "peak_gflops": bench.peak_gflops(),
-           "loss": bench.loss})
+    _emit({"step_s": times, "others": others, "page_faults": faults, "warmup_step_s": warm,
+           "peak_gflops": bench.peak_gflops(), "loss": bench.loss})
 
 
 # ---------------------------------------------------------------- parent
@@ -552,7 +556,7 @@ def main(argv):
   del argv
   F = flags.FLAGS
   names = ("width", "heads", "layers", "mlp", "channels", "latent", "patch", "batch", "text_tokens",
-           "text_dim", "attention", "warmup", "steps", "rounds", "threads", "peak_n", "peer_adamw")
+           "text_dim", "attention", "warmup", "round_warmup", "steps", "rounds", "threads", "peak_n", "peer_adamw")
   args = {n: F[n].value for n in names}
   args["set"] = F.set
   if F.worker:
@@ -577,6 +581,7 @@ def main(argv):
     times = {i: [] for i in impls}
     others = {i: [] for i in impls}
     faults = {i: [] for i in impls}
+    warm = {i: [] for i in impls}
     peaks = {i: [] for i in impls}
     rounds = []
     for r in range(args["rounds"]):
@@ -590,11 +595,14 @@ def main(argv):
         faults[impl] += res["page_faults"]
         peaks[impl].append(res["peak_gflops"])
         row[impl] = statistics.median(res["step_s"]) * 1e3
+        warm[impl] += res["warmup_step_s"]
         print(f"round {r + 1}/{args['rounds']} {impl}: median {row[impl]:.0f} ms "
               f"(steps {', '.join(f'{t * 1e3:.0f}' for t in res['step_s'])}; others' CPU share "
               f"{', '.join(f'{o:.2f}' for o in res['others'])}; page faults "
               f"{', '.join(str(n) for n in res['page_faults'])}), loss {res['loss']:.3f}, "
-              f"matmul {res['peak_gflops']:.1f} GFLOP/s", flush=True)
+              f"matmul {res['peak_gflops']:.1f} GFLOP/s"
+              + (f"; untimed first steps {', '.join(f'{t * 1e3:.0f}' for t in res['warmup_step_s'])}"
+                 if res["warmup_step_s"] else ""), flush=True)
       rounds.append(row)
     breakdown = {}
     if F.breakdown:
@@ -638,6 +646,7 @@ def main(argv):
     out[f"{impl}_steps_ms"] = [round(t * 1e3) for t in times[impl]]
     out[f"{impl}_others_cpu_share"] = [round(o, 3) for o in others[impl]]
     out[f"{impl}_page_faults_per_step"] = statistics.median(faults[impl])
+    out[f"{impl}_round_warmup_steps_ms"] = [round(t * 1e3) for t in warm[impl]]
     out[f"{impl}_gflops"] = gflops
     out[f"{impl}_fraction_of_matmul_peak"] = gflops / peak
     out[f"{impl}_params"] = ready[impl]["params"]

@@ -10,7 +10,7 @@ Backends:
   xla: reference; materialises [B, H, Lq, Lk] logits.
   blockwise: flash-style online softmax in pure JAX (lax.map over q blocks,
     lax.scan over kv blocks) with a custom VJP that recomputes block logits,
-    so forward and backward memory are O(L). Also the fastest CPU path.
+    so forward and backward memory are O(L). Runs on any platform.
   cpu_flash: a fused C++ kernel for XLA:CPU (sora_jax/kernels/flash_attention_cpu.cc, built on first use),
     forward and backward, float32 compute; block logits never leave the cache. CPU only.
   cudnn: jax.nn.dot_product_attention(implementation="cudnn"), GPU only.
@@ -46,7 +46,7 @@ AUTO_BLOCKWISE_MIN_LEN = 1024
 CPU_FLASH_BLOCK_Q = 64
 CPU_FLASH_BLOCK_KV = 256
 
-# Checkpoint name of what the backward pass of splash and blockwise attention needs from the forward (the
+# Checkpoint name of what the backward pass of splash, blockwise and cpu_flash needs from the forward (the
 # output and the softmax log-sum-exp). The DiT's remat policy "save_attention" keeps exactly these, so the
 # backward pass recomputes a block's projections and MLP but not its attention (models/dit.py).
 RESIDUALS_NAME = "attention_residuals"
@@ -269,8 +269,8 @@ def _cpu_flash_attention(q, k, v, q_segment_ids, kv_segment_ids):
   if q.shape[-1] % 16:
     raise ValueError(f"attention backend 'cpu_flash' needs a head dim that is a multiple of 16; got "
                      f"{q.shape[-1]}. Use backend='blockwise'.")
-  f32 = lambda x: x.astype(jnp.float32)
-  out = _cpu_flash(f32(q), f32(k), f32(v), q_segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32))
+  q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
+  out = _cpu_flash(q32, k32, v32, q_segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32))
   return out.astype(q.dtype)
 
 
