@@ -504,19 +504,28 @@ def run_worker(impl: str, args: dict) -> None:
     if line.strip() == "profile":
       _emit({"profile": bench.profile()})
       continue
-    warm = [bench.step() for _ in range(args["round_warmup"])]
-    times, others, faults = [], [], []
+    warm, warm_sys, warm_faults = [], [], []
+    for _ in range(args["round_warmup"]):
+      use0 = resource.getrusage(resource.RUSAGE_SELF)
+      warm.append(bench.step())
+      use1 = resource.getrusage(resource.RUSAGE_SELF)
+      warm_sys.append(use1.ru_stime - use0.ru_stime)
+      warm_faults.append(use1.ru_minflt - use0.ru_minflt)
+    times, others, faults, sys_s = [], [], [], []
     for _ in range(args["steps"]):
       busy0, own0 = _machine_busy_s(), _own_cpu_s()
-      faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+      use0 = resource.getrusage(resource.RUSAGE_SELF)
       times.append(bench.step())
-      faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0)
+      use1 = resource.getrusage(resource.RUSAGE_SELF)
+      faults.append(use1.ru_minflt - use0.ru_minflt)
+      sys_s.append(use1.ru_stime - use0.ru_stime)
       # CPU time other processes took on this worker's cores during the step, as a share of those cores'
       # time: 0 = the step had its cores to itself.
       others.append(max(0.0, (_machine_busy_s() - busy0) - (_own_cpu_s() - own0))
                     / (times[-1] * len(os.sched_getaffinity(0))))
     # Minor page faults: memory the step touched for the first time (fresh buffers from the OS).
-    _emit({"step_s": times, "others": others, "page_faults": faults, "warmup_step_s": warm,
+    _emit({"step_s": times, "others": others, "page_faults": faults, "sys_s": sys_s, "warmup_step_s": warm,
+           "warmup_sys_s": warm_sys, "warmup_page_faults": warm_faults,
            "peak_gflops": bench.peak_gflops(), "loss": bench.loss})
 
 
@@ -599,9 +608,12 @@ def main(argv):
         print(f"round {r + 1}/{args['rounds']} {impl}: median {row[impl]:.0f} ms "
               f"(steps {', '.join(f'{t * 1e3:.0f}' for t in res['step_s'])}; others' CPU share "
               f"{', '.join(f'{o:.2f}' for o in res['others'])}; page faults "
-              f"{', '.join(str(n) for n in res['page_faults'])}), loss {res['loss']:.3f}, "
+              f"{', '.join(str(n) for n in res['page_faults'])}; system CPU s "
+              f"{', '.join(f'{t:.2f}' for t in res['sys_s'])}), loss {res['loss']:.3f}, "
               f"matmul {res['peak_gflops']:.1f} GFLOP/s"
-              + (f"; untimed first steps {', '.join(f'{t * 1e3:.0f}' for t in res['warmup_step_s'])}"
+              + (f"; untimed first steps {', '.join(f'{t * 1e3:.0f}' for t in res['warmup_step_s'])} ms, "
+                 f"system CPU {', '.join(f'{t:.2f}' for t in res['warmup_sys_s'])} s, "
+                 f"page faults {', '.join(str(n) for n in res['warmup_page_faults'])}"
                  if res["warmup_step_s"] else ""), flush=True)
       rounds.append(row)
     breakdown = {}
