@@ -260,22 +260,50 @@ BlockSegments block_segments(const int32_t* ids, int64_t B, int64_t L, int64_t s
   return out;
 }
 
-ffi::Error FlashForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> qseg, ffi::Buffer<ffi::S32> kseg,
-                        ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, int64_t block_q,
-                        int64_t block_kv) {
+// What forward and backward both derive from their inputs: shapes, tile sizes, and the segment ranges of
+// every query and key block.
+struct Plan {
+  Dims d;
+  int64_t bq, bk, lds, nq, nk, row;
+  float scale;
+  std::vector<int32_t> ksp;  // key segment ids padded to Lkp
+  BlockSegments kb, qb;
+};
+
+ffi::Error make_plan(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
+                     const ffi::Buffer<ffi::F32>& v, const ffi::Buffer<ffi::S32>& qseg,
+                     const ffi::Buffer<ffi::S32>& kseg, int64_t block_q, int64_t block_kv, Plan* p) {
   const auto qd = q.dimensions();
-  Dims d{qd[0], qd[1], k.dimensions()[1], qd[2], qd[3], 0};
+  Dims& d = p->d;
+  d = Dims{qd[0], qd[1], k.dimensions()[1], qd[2], qd[3], 0};
   d.Lkp = round_up(std::max<int64_t>(d.Lk, 1), W);
   if (auto err = check(d, qd, k.dimensions(), v.dimensions(), qseg.dimensions(), kseg.dimensions());
       err.failure())
     return err;
-  const int64_t bq = std::max<int64_t>(1, block_q);
-  const int64_t bk = round_up(std::max<int64_t>(W, block_kv), W);
-  const int64_t lds = bk + VL;  // logit tile row stride: one vector more breaks cache-set aliasing
-  const int64_t nq = (d.Lq + bq - 1) / bq, nk = (d.Lkp + bk - 1) / bk;
-  const int64_t row = d.H * d.D;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(d.D));
+  p->bq = std::max<int64_t>(1, block_q);
+  p->bk = round_up(std::max<int64_t>(W, block_kv), W);
+  p->lds = p->bk + VL;  // logit tile row stride: one vector more breaks cache-set aliasing
+  p->nq = (d.Lq + p->bq - 1) / p->bq;
+  p->nk = (d.Lkp + p->bk - 1) / p->bk;
+  p->row = d.H * d.D;
+  p->scale = 1.0f / std::sqrt(static_cast<float>(d.D));
+  p->ksp = padded_kv_segments(kseg.typed_data(), d);
+  p->kb = block_segments(p->ksp.data(), d.B, d.Lkp, d.Lkp, p->bk);
+  p->qb = block_segments(qseg.typed_data(), d.B, d.Lq, d.Lq, p->bq);
+  return ffi::Error::Success();
+}
+
+ffi::Error FlashForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> qseg, ffi::Buffer<ffi::S32> kseg,
+                        ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, int64_t block_q,
+                        int64_t block_kv) {
+  Plan p;
+  if (auto err = make_plan(q, k, v, qseg, kseg, block_q, block_kv, &p); err.failure()) return err;
+  const Dims& d = p.d;
+  const int64_t bq = p.bq, bk = p.bk, lds = p.lds, nq = p.nq, nk = p.nk, row = p.row;
+  const float scale = p.scale;
+  const std::vector<int32_t>& ksp = p.ksp;
+  const BlockSegments &kb = p.kb, &qb = p.qb;
   const float* Q = q.typed_data();
   const float* K = k.typed_data();
   const float* V = v.typed_data();
@@ -283,9 +311,6 @@ ffi::Error FlashForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
   float* O = out->typed_data();
   float* LSE = lse->typed_data();
 
-  const std::vector<int32_t> ksp = padded_kv_segments(kseg.typed_data(), d);
-  const BlockSegments kb = block_segments(ksp.data(), d.B, d.Lkp, d.Lkp, bk);
-  const BlockSegments qb = block_segments(QS, d.B, d.Lq, d.Lq, bq);
   // Per head: keys in panels (scaled), values as contiguous rows.
   std::vector<float> kt(d.B * d.H * d.D * d.Lkp), vr(d.B * d.H * d.Lk * d.D);
   parallel_for(pool, d.B * d.H, [&](int64_t bh) {
@@ -364,18 +389,13 @@ ffi::Error FlashBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
                          ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
                          ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                          ffi::ResultBuffer<ffi::F32> dv, int64_t block_q, int64_t block_kv) {
-  const auto qd = q.dimensions();
-  Dims d{qd[0], qd[1], k.dimensions()[1], qd[2], qd[3], 0};
-  d.Lkp = round_up(std::max<int64_t>(d.Lk, 1), W);
-  if (auto err = check(d, qd, k.dimensions(), v.dimensions(), qseg.dimensions(), kseg.dimensions());
-      err.failure())
-    return err;
-  const int64_t bq = std::max<int64_t>(1, block_q);
-  const int64_t bk = round_up(std::max<int64_t>(W, block_kv), W);
-  const int64_t lds = bk + VL;  // logit tile row stride: one vector more breaks cache-set aliasing
-  const int64_t nq = (d.Lq + bq - 1) / bq, nk = (d.Lkp + bk - 1) / bk;
-  const int64_t row = d.H * d.D;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(d.D));
+  Plan p;
+  if (auto err = make_plan(q, k, v, qseg, kseg, block_q, block_kv, &p); err.failure()) return err;
+  const Dims& d = p.d;
+  const int64_t bq = p.bq, bk = p.bk, lds = p.lds, nq = p.nq, nk = p.nk, row = p.row;
+  const float scale = p.scale;
+  const std::vector<int32_t>& ksp = p.ksp;
+  const BlockSegments &kb = p.kb, &qb = p.qb;
   const float* Q = q.typed_data();
   const float* K = k.typed_data();
   const float* V = v.typed_data();
@@ -387,9 +407,6 @@ ffi::Error FlashBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
   float* dK = dk->typed_data();
   float* dV = dv->typed_data();
 
-  const std::vector<int32_t> ksp = padded_kv_segments(kseg.typed_data(), d);
-  const BlockSegments kb = block_segments(ksp.data(), d.B, d.Lkp, d.Lkp, bk);
-  const BlockSegments qb = block_segments(QS, d.B, d.Lq, d.Lq, bq);
 
   parallel_for(pool, d.B * d.H, [&](int64_t bh) {
     const int64_t b = bh / d.H, h = bh % d.H;

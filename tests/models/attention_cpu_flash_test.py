@@ -12,17 +12,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from sora_jax.kernels import cpu as cpu_kernels
 from sora_jax.models import attention as attention_lib
 from sora_jax.models.attention import attention
+from tests.models.attention_test import _packed_ids as _ids
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler for the CPU kernels")
-
-
-def _ids(lengths, total):
-  ids = np.zeros(total, np.int32)
-  pos = 0
-  for i, n in enumerate(lengths):
-    ids[pos:pos + n] = i + 1
-    pos += n
-  return ids
 
 
 def _qkv(b, lq, lk, h, d, dtype=jnp.float32, seed=0):
