@@ -155,6 +155,9 @@ def main():
   p.add_argument("--ref_python", default="/tmp/parityvenv/bin/python")
   p.add_argument("--trim", type=int, default=1, help="1: return freed heap pages to the kernel after the warm-up, "
                  "on both sides, before the peak RSS of the timed passes is taken; 0: as left by the warm-up")
+  p.add_argument("--ours_env", action="append", default=[], metavar="KEY=VALUE",
+                 help="environment variable set for ours' worker only (repeatable), e.g. the XLA_FLAGS and "
+                      "GLIBC_TUNABLES that sora_jax runs its CPU VAE passes with; the peer keeps this process's")
   p.add_argument("--worker", default="", help="internal: ours|peer:TxHxW")
   p.add_argument("--memory_analysis", action="store_true",
                  help="only compile ours and report XLA's memory analysis (arguments, temporaries) per size")
@@ -170,6 +173,12 @@ def main():
             "--layout", args.layout, "--trim", str(args.trim), "--fold_taps", args.fold_taps]
   if args.memory_analysis:
     common.append("--memory_analysis")
+  ours_env = {}
+  for kv in args.ours_env:
+    key, sep, value = kv.partition("=")
+    if not sep or not key:
+      raise SystemExit(f"--ours_env={kv!r}: expected KEY=VALUE")
+    ours_env[key] = value
   results, rounds = {}, collections.defaultdict(list)
   sides = [("ours", sys.executable), ("peer", args.ref_python)]
   for size in args.sizes.split(","):
@@ -178,7 +187,7 @@ def main():
       for impl, python in (sides if r % 2 == 0 else sides[::-1]):
         if not python or (impl == "peer" and args.memory_analysis):
           continue
-        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        env = dict(os.environ, JAX_PLATFORMS="cpu", **(ours_env if impl == "ours" else {}))
         out = subprocess.run([python, __file__, "--worker", f"{impl}:{size}", *common], env=env, check=True,
                              capture_output=True, text=True).stdout
         rounds[f"{impl}/{size}"].append(json.loads(out.strip().splitlines()[-1]))
@@ -186,7 +195,9 @@ def main():
   for key, runs in rounds.items():  # the median round by time stands for the side
     results[key] = sorted(runs, key=lambda x: x["seconds"])[(len(runs) - 1) // 2]
   summary = {"base": args.base, "chunk": args.chunk, "layout": args.layout, "trim": args.trim,
-             "fold_taps": args.fold_taps, "rounds": args.rounds, "runs": results}
+             "fold_taps": args.fold_taps, "rounds": args.rounds, "ours_env": ours_env,
+             "peer_env": {k: os.environ.get(k, "") for k in sorted({"XLA_FLAGS", "GLIBC_TUNABLES", *ours_env})},
+             "runs": results}
   for size in args.sizes.split(","):
     if f"peer/{size}" in results:
       ours, peer = rounds[f"ours/{size}"], rounds[f"peer/{size}"]
