@@ -45,6 +45,7 @@ The last line is one JSON object: `step_time_ratio` (ours / peer), `fraction_of_
 """
 import ast
 import json
+import math
 import os
 import resource
 import statistics
@@ -312,7 +313,9 @@ class Ours:
     path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
     with gzip.open(path) as f:
       events = json.load(f)["traceEvents"]
+    matmuls = hlo_matmuls(hlo)
     by_where, by_kind, total = {}, {"forward": 0.0, "backward": 0.0, "optimizer": 0.0, "other": 0.0}, 0.0
+    by_matmul, spans = {}, []
     for e in events:
       op = (e.get("args") or {}).get("hlo_op")
       if e.get("ph") != "X" or not op or e["name"].startswith("end:") or op.split(".")[0] in _CONTAINERS:
@@ -323,9 +326,26 @@ class Ours:
       by_kind[kind] += ms
       key = f"{kind} {where}"
       by_where[key] = by_where.get(key, 0.0) + ms
+      spans.append((e["ts"], e["ts"] + e["dur"]))
+      if op in matmuls:
+        # A plain dot runs on Eigen's thread pool and its event can end before its work does (GFLOP/s above
+        # the machine's peak), so its row is marked; YNNPACK fusions' events cover their work.
+        plain = " (plain dot: event ends before its work)" if op.startswith("dot") else ""
+        row = by_matmul.setdefault(f"{kind} {matmuls[op][0]}{plain}", [0, 0.0, 0.0])
+        row[0], row[1], row[2] = row[0] + 1, row[1] + ms, row[2] + matmuls[op][1]
+    busy, end = 0.0, float("-inf")  # time covered by at least one op (the union of their spans)
+    for a, b in sorted(spans):
+      busy += max(0.0, b - max(a, end))
+      end = max(end, b)
     ranked = sorted(by_where.items(), key=lambda kv: -kv[1])
-    return {"wall_ms": wall * 1e3, "op_ms": total, "by_kind_ms": by_kind,
-            "top_ms": dict(ranked[:top]), "trace": path}
+    # Matmuls by shape: XLA:CPU runs independent ops at once, so a shape's GFLOP/s here can fall below what
+    # the same matmul reaches alone (experiments/scaling/README.md).
+    matmul_rows = {k: {"ops": n, "ms": round(ms, 1), "gflops": round(f / ms / 1e6, 1)}
+                   for k, (n, ms, f) in sorted(by_matmul.items(), key=lambda kv: -kv[1][1])[:top]}
+    return {"wall_ms": wall * 1e3, "op_ms": total, "ops_busy_ms": busy / 1e3,
+            "overlapped_op_ms": total - busy / 1e3, "by_kind_ms": by_kind, "top_ms": dict(ranked[:top]),
+            "matmuls": matmul_rows, "matmul_ms": sum(ms for _, ms, _ in by_matmul.values()),
+            "matmul_gflop": sum(f for _, _, f in by_matmul.values()) / 1e9, "trace": path}
 
 
 _CONTAINERS = ("while", "call", "conditional", "tuple", "get-tuple-element", "parameter", "constant")
@@ -379,6 +399,47 @@ def hlo_op_sources(hlo_text: str) -> dict:
     loc, is_opt = where(int(frame.group(1))) if frame else ("?", False)
     kind = "optimizer" if is_opt else ("backward" if op_name and "transpose(" in op_name.group(1) else "forward")
     out[name] = (loc, kind)
+  return out
+
+
+def hlo_matmuls(hlo_text: str) -> dict:
+  """HLO instruction name -> (signature 'MxK @ KxN', FLOPs) for every op that is or wraps matmuls.
+
+  A dot's FLOPs are 2 x (output elements) x (contracted size); a fusion (e.g. XLA:CPU's YNNPACK fusions)
+  counts the dots of the computation it calls. Operand shapes come from their definitions in the same
+  computation.
+  """
+  import re  # pylint: disable=g-import-not-at-top
+  comps, cur = {}, None
+  for line in hlo_text.splitlines():
+    head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if head:
+      cur = comps.setdefault(head.group(1), {})
+    elif cur is not None:
+      m = re.match(r"^\s*(?:ROOT )?%([\w.\-]+) = \w+\[([\d,]*)\]\S* (.*)$", line)
+      if m:
+        cur[m.group(1)] = ([int(d) for d in m.group(2).split(",") if d], m.group(3))
+
+  def dots(comp):
+    found = {}
+    for name, (shape, rest) in comp.items():
+      d = re.match(r"dot\(%([\w.\-]+), %([\w.\-]+)\)", rest)
+      if not d or d.group(1) not in comp or d.group(2) not in comp:
+        continue
+      lhs, rhs = comp[d.group(1)][0], comp[d.group(2)][0]
+      contract = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+      k = math.prod(lhs[int(i)] for i in contract.group(1).split(",") if i) if contract else 1
+      found[name] = (f"{'x'.join(map(str, lhs))} @ {'x'.join(map(str, rhs))}", 2.0 * math.prod(shape) * k)
+    return found
+
+  out = {}
+  for comp in comps.values():
+    out.update(dots(comp))
+    for name, (_, rest) in comp.items():
+      callee = re.search(r"calls=%([\w.\-]+)", rest) if rest.startswith("fusion(") else None
+      inner = dots(comps.get(callee.group(1), {})) if callee else {}
+      if inner:
+        out[name] = (" + ".join(sig for sig, _ in inner.values()), sum(f for _, f in inner.values()))
   return out
 
 
@@ -631,6 +692,11 @@ def main(argv):
               + ", ".join(f"{k} {v:.0f}" for k, v in prof["by_kind_ms"].items()), flush=True)
         for k, v in prof["top_ms"].items():
           print(f"  {v:8.1f} ms {100 * v / prof['op_ms']:5.1f}%  {k}", flush=True)
+        print(f"profile ours: ops overlap for {prof['overlapped_op_ms']:.0f} ms of op time; matmuls "
+              f"{prof['matmul_ms']:.0f} ms for {prof['matmul_gflop']:.1f} GFLOP "
+              f"({prof['matmul_gflop'] / prof['matmul_ms'] * 1e3:.0f} GFLOP/s), by shape:", flush=True)
+        for k, v in prof["matmuls"].items():
+          print(f"  {v['ms']:8.1f} ms {v['ops']:4d} ops {v['gflops']:6.1f} GFLOP/s  {k}", flush=True)
   finally:
     for w in workers.values():
       w.close()

@@ -66,3 +66,12 @@ def test_hlo_ops_map_to_sora_jax_lines_forward_and_backward():
   sources = bench.hlo_op_sources(f.lower(jnp.ones((4, 8))).compile().as_text())
   kinds = {kind for where, kind in sources.values() if where.startswith("layers.py:LayerNorm.__call__:")}
   assert kinds == {"forward", "backward"}, sources
+
+
+def test_hlo_matmuls_count_flops_of_dots_and_of_fusions_that_wrap_them():
+  import jax
+  import jax.numpy as jnp
+  f = jax.jit(lambda x, w, v: jnp.tanh(x @ w) @ v + 1.0)
+  mm = bench.hlo_matmuls(f.lower(jnp.ones((32, 16)), jnp.ones((16, 8)), jnp.ones((8, 4))).compile().as_text())
+  # Whether XLA:CPU emits a matmul as a dot or inside a fusion, its op carries the matmul's shape and FLOPs.
+  assert {sig: f for sig, f in mm.values()} == {"32x16 @ 16x8": 2.0 * 32 * 16 * 8, "32x8 @ 8x4": 2.0 * 32 * 8 * 4}, mm
