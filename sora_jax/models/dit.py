@@ -134,8 +134,12 @@ class DiTBlock(nnx.Module):
       mod = cond + self.ada_table[...]  # [B, S', 6, D]
     else:
       mod = self.ada(jax.nn.silu(cond))  # [B, S', 6, D]
-    mod = segments.gather(mod, seg if cond_ids is None else cond_ids).astype(x.dtype)  # [B, L, 6, D]
-    shift1, scale1, gate1, shift2, scale2, gate2 = [mod[:, :, i] for i in range(6)]
+    # Each of the six vectors is gathered to the tokens on its own: one [B, L, 6, D] gather is a buffer of its
+    # own, and its gradient is concatenated into another before the segment sum, which made the block's
+    # modulation twice as slow on XLA:CPU, fwd + bwd (experiments/scaling/README.md).
+    ids = seg if cond_ids is None else cond_ids
+    shift1, scale1, gate1, shift2, scale2, gate2 = [
+        segments.gather(mod[:, :, i], ids).astype(x.dtype) for i in range(6)]  # [B, L, D] each
     h = self.norm1(x) * (1 + scale1) + shift1
     a = self.attn(h, seg, rope=rope)
     if self.temporal is not None:
