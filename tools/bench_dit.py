@@ -340,7 +340,7 @@ class Ours:
     ranked = sorted(by_where.items(), key=lambda kv: -kv[1])
     # Matmuls by shape: XLA:CPU runs independent ops at once, so a shape's GFLOP/s here can fall below what
     # the same matmul reaches alone (experiments/scaling/README.md).
-    matmul_rows = {k: {"ops": n, "ms": round(ms, 1), "gflops": round(f / ms / 1e6, 1)}
+    matmul_rows = {k: {"ops": n, "ms": round(ms, 1), "gflops": round(f / max(ms, 1e-6) / 1e6, 1)}
                    for k, (n, ms, f) in sorted(by_matmul.items(), key=lambda kv: -kv[1][1])[:top]}
     return {"wall_ms": wall * 1e3, "op_ms": total, "ops_busy_ms": busy / 1e3,
             "overlapped_op_ms": total - busy / 1e3, "by_kind_ms": by_kind, "top_ms": dict(ranked[:top]),
@@ -694,7 +694,7 @@ def main(argv):
           print(f"  {v:8.1f} ms {100 * v / prof['op_ms']:5.1f}%  {k}", flush=True)
         print(f"profile ours: ops overlap for {prof['overlapped_op_ms']:.0f} ms of op time; matmuls "
               f"{prof['matmul_ms']:.0f} ms for {prof['matmul_gflop']:.1f} GFLOP "
-              f"({prof['matmul_gflop'] / prof['matmul_ms'] * 1e3:.0f} GFLOP/s), by shape:", flush=True)
+              f"({prof['matmul_gflop'] / max(prof['matmul_ms'], 1e-6) * 1e3:.0f} GFLOP/s), by shape:", flush=True)
         for k, v in prof["matmuls"].items():
           print(f"  {v['ms']:8.1f} ms {v['ops']:4d} ops {v['gflops']:6.1f} GFLOP/s  {k}", flush=True)
   finally:
