@@ -38,7 +38,8 @@ Throughput: the analytic training FLOPs of one step (`sora_jax/train/flops.py`, 
 the same count for both sides) over the step time, as a fraction of the machine's matmul peak: the best
 GFLOP/s of a `--peak_n`-square fp32 matmul in jax and in torch, measured by each worker after every round.
 `--breakdown` then times, in each worker, the loss forward, forward + backward, and self-attention alone
-at the model's shapes (ours: the backend `--attention` resolves to; peer: torch SDPA); `--peer_adamw` picks
+at the model's shapes (ours: the backend `--attention` resolves to, plain and with QK-norm and RoPE in the
+attention call or in JAX before it; peer: torch SDPA); `--peer_adamw` picks
 torch's AdamW implementation (default: what torch picks for CPU tensors, the for-loop one).
 The last line is one JSON object: `step_time_ratio` (ours / peer), `fraction_of_matmul_peak` (ours),
 `peer_fraction_of_matmul_peak`, both step times, parameter counts, threads and the peak.
@@ -257,11 +258,13 @@ class Ours:
     return self._peak()
 
   def parts(self, reps: int) -> dict:
-    """Median ms of the loss forward, forward + backward, and self-attention alone (fwd, fwd + bwd)."""
+    """Median ms of the loss forward, forward + backward, and self-attention alone (fwd, fwd + bwd; with
+    QK-norm, also fwd + bwd with the norm and RoPE in the attention call and in JAX)."""
     jax = self._jax
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     from flax import nnx  # pylint: disable=g-import-not-at-top
     from sora_jax.models import attention as attention_lib  # pylint: disable=g-import-not-at-top
+    from sora_jax.models import rope as rope_lib  # pylint: disable=g-import-not-at-top
     from sora_jax.train import train_dit  # pylint: disable=g-import-not-at-top
     rng = jax.random.key(0)
     rest, batch = self.state.rest, self.batch
@@ -280,6 +283,24 @@ class Ours:
            f"attention_{backend}_forward": (jax.jit(attn), (q, k, v)),
            f"attention_{backend}_forward_backward": (
                jax.jit(jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v)), argnums=(0, 1, 2))), (q, k, v))}
+    if c.dit.qk_norm:
+      # Self-attention as the DiT calls it, QK-norm and RoPE first: passed to the attention call (cpu_flash
+      # runs them inside its kernel), and applied in JAX before a plain call. Fwd + bwd, scales included.
+      D = c.dit.width // H
+      coords = jax.random.randint(jax.random.key(3), (B, L, 3), 0, 32)
+      tables = rope_lib.rope_3d(coords, D)
+      scales = (jnp.ones((D,)), jnp.ones((D,)))
+
+      def with_prologue(in_attention):
+        def f(q, k, v, qs, ks):
+          p = attention_lib.QKNormRope(qs, ks, 1e-6, tables, tables)
+          if in_attention:
+            return jnp.sum(attention_lib.attention(q, k, v, seg, seg, backend=backend, qk_norm_rope=p))
+          return jnp.sum(attn(*p.apply(q, k), v))
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4))), (q, k, v, *scales)
+
+      fns[f"attention_{backend}_qk_norm_rope_in_call_forward_backward"] = with_prologue(True)
+      fns[f"attention_{backend}_qk_norm_rope_in_jax_forward_backward"] = with_prologue(False)
     out = {}
     with self._mesh_lib.use(self.mesh, self._mesh_lib.DIT_RULES):
       for name, (fn, args) in fns.items():

@@ -30,8 +30,13 @@ SOURCE = Path(__file__).with_name("flash_attention_cpu.cc")
 # FFI target names registered for the CPU platform.
 FLASH_FORWARD = "sora_jax_flash_attention_forward"
 FLASH_BACKWARD = "sora_jax_flash_attention_backward"
+# The same with q and k RMS-normalised and rotated inside the kernel (attention.QKNormRope).
+FLASH_NORM_ROPE_FORWARD = "sora_jax_flash_attention_norm_rope_forward"
+FLASH_NORM_ROPE_BACKWARD = "sora_jax_flash_attention_norm_rope_backward"
 # Exported handler symbols in SOURCE, by target name.
-_SYMBOLS = {FLASH_FORWARD: "SoraJaxFlashForward", FLASH_BACKWARD: "SoraJaxFlashBackward"}
+_SYMBOLS = {FLASH_FORWARD: "SoraJaxFlashForward", FLASH_BACKWARD: "SoraJaxFlashBackward",
+            FLASH_NORM_ROPE_FORWARD: "SoraJaxFlashNormRopeForward",
+            FLASH_NORM_ROPE_BACKWARD: "SoraJaxFlashNormRopeBackward"}
 
 
 class KernelUnavailable(RuntimeError):

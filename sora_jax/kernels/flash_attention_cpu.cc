@@ -212,25 +212,101 @@ ffi::Error check(const Dims& d, ffi::AnyBuffer::Dimensions q, ffi::AnyBuffer::Di
   return ffi::Error::Success();
 }
 
+// The QK prologue of the "norm_rope" handlers: each head of each token is RMS-normalised with a learned
+// per-channel scale, then rotated by its token's angles, pairs (c, c + D/2):
+//   n = x / sqrt(mean(x^2) + eps),  y = n * scale,  z = (y1 cos - y2 sin, y1 sin + y2 cos).
+// The same maths as layers.RMSNorm followed by rope.apply. The kernels apply it to each row as they pack q
+// and k (and its backward as they write dq and dk), so it costs no pass over memory of its own: that is
+// what saves XLA:CPU's passes for the norm, the rotation and their backward.
+struct NormRope {
+  const float* scale;  // [D]
+  const float* cos;    // [B * L, D / 2], indexed by token
+  const float* sin;
+  float eps;
+};
+
+// Inverse RMS of one head's D values (D a multiple of VL).
+inline float inv_rms(const float* x, int64_t D, float eps) {
+  vf acc = vf{};
+  for (int64_t c = 0; c < D; c += VL) acc += load(x + c) * load(x + c);
+  return 1.f / std::sqrt(hsum(acc) / static_cast<float>(D) + eps);
+}
+
+// z = rotate(norm(x) * scale) for the head row x of token t, times `mul`.
+inline void norm_rope_row(const NormRope& nr, int64_t t, const float* __restrict x, int64_t D, float mul,
+                          float* __restrict z) {
+  const int64_t half = D / 2;
+  const float* __restrict cs = nr.cos + t * half;
+  const float* __restrict sn = nr.sin + t * half;
+  const float* __restrict g = nr.scale;
+  const float r = inv_rms(x, D, nr.eps) * mul;
+  for (int64_t c = 0; c < half; ++c) {
+    const float y1 = x[c] * r * g[c], y2 = x[c + half] * r * g[c + half];
+    z[c] = y1 * cs[c] - y2 * sn[c];
+    z[c + half] = y1 * sn[c] + y2 * cs[c];
+  }
+}
+
+// From dz (the gradient of norm_rope_row's z, mul 1): dx, and dscale += the scale's gradient. `n` and `dn`
+// are D floats of scratch.
+inline void norm_rope_row_backward(const NormRope& nr, int64_t t, const float* __restrict x,
+                                   const float* __restrict dz, int64_t D, float* __restrict dx,
+                                   float* __restrict dscale, float* __restrict n, float* __restrict dn) {
+  const int64_t half = D / 2;
+  const float* __restrict cs = nr.cos + t * half;
+  const float* __restrict sn = nr.sin + t * half;
+  const float* __restrict g = nr.scale;
+  const float r = inv_rms(x, D, nr.eps);
+  for (int64_t c = 0; c < half; ++c) {  // the rotation's transpose, then through the scale
+    const float dy1 = dz[c] * cs[c] + dz[c + half] * sn[c];
+    const float dy2 = dz[c + half] * cs[c] - dz[c] * sn[c];
+    n[c] = x[c] * r;
+    n[c + half] = x[c + half] * r;
+    dscale[c] += dy1 * n[c];
+    dscale[c + half] += dy2 * n[c + half];
+    dn[c] = dy1 * g[c];
+    dn[c + half] = dy2 * g[c + half];
+  }
+  vf acc = vf{};
+  for (int64_t c = 0; c < D; c += VL) acc += load(dn + c) * load(n + c);
+  const float m = hsum(acc) / static_cast<float>(D);
+  for (int64_t c = 0; c < D; ++c) dx[c] = r * (dn[c] - n[c] * m);
+}
+
 // Packs one head's keys (or values) transposed and multiplied by `scale` into panels of W keys
-// ([Lkp / W][D][W], see gemm_panels), zero past Lk.
-void pack_panels(const float* x, const Dims& d, int64_t b, int64_t h, float scale, float* out) {
+// ([Lkp / W][D][W], see gemm_panels), zero past Lk; with `nr`, each key normalised and rotated first.
+void pack_panels(const float* x, const Dims& d, int64_t b, int64_t h, float scale, float* out,
+                 const NormRope* nr = nullptr) {
   const int64_t row = d.H * d.D;
   const float* base = x + b * d.Lk * row + h * d.D;
+  std::vector<float> z(nr ? d.D : 0);
   for (int64_t p = 0; p < d.Lkp; p += W) {
     float* panel = out + p * d.D;
     for (int64_t j = 0; j < W; ++j) {
       const bool real = p + j < d.Lk;
       const float* src = base + (p + j) * row;
-      for (int64_t c = 0; c < d.D; ++c) panel[c * W + j] = real ? src[c] * scale : 0.f;
+      float mul = scale;
+      if (real && nr) {
+        norm_rope_row(*nr, b * d.Lk + p + j, src, d.D, scale, z.data());
+        src = z.data();
+        mul = 1.f;
+      }
+      for (int64_t c = 0; c < d.D; ++c) panel[c * W + j] = real ? src[c] * mul : 0.f;
     }
   }
 }
 
-// Copies one head of x [B, L, H, D] into a contiguous [L][D] block.
-void pack_rows(const float* x, int64_t L, const Dims& d, int64_t b, int64_t h, float* out) {
+// Copies one head of x [B, L, H, D] into a contiguous [L][D] block; with `nr`, normalised and rotated.
+void pack_rows(const float* x, int64_t L, const Dims& d, int64_t b, int64_t h, float* out,
+               const NormRope* nr = nullptr) {
   const int64_t row = d.H * d.D;
-  for (int64_t j = 0; j < L; ++j) std::memcpy(out + j * d.D, x + (b * L + j) * row + h * d.D, d.D * sizeof(float));
+  for (int64_t j = 0; j < L; ++j) {
+    const float* src = x + (b * L + j) * row + h * d.D;
+    if (nr)
+      norm_rope_row(*nr, b * L + j, src, d.D, 1.f, out + j * d.D);
+    else
+      std::memcpy(out + j * d.D, src, d.D * sizeof(float));
+  }
 }
 
 // Key segment ids padded to Lkp with -1 (never a query's id) so padded columns mask themselves.
@@ -270,16 +346,15 @@ struct Plan {
   BlockSegments kb, qb;
 };
 
-ffi::Error make_plan(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
-                     const ffi::Buffer<ffi::F32>& v, const ffi::Buffer<ffi::S32>& qseg,
-                     const ffi::Buffer<ffi::S32>& kseg, int64_t block_q, int64_t block_kv, Plan* p) {
-  const auto qd = q.dimensions();
+ffi::Error make_plan(ffi::AnyBuffer::Dimensions qd, ffi::AnyBuffer::Dimensions kd, ffi::AnyBuffer::Dimensions vd,
+                     ffi::AnyBuffer::Dimensions qsd, ffi::AnyBuffer::Dimensions ksd, const int32_t* qseg,
+                     const int32_t* kseg, int64_t block_q, int64_t block_kv, Plan* p) {
+  if (qd.size() != 4 || kd.size() != 4)
+    return ffi::Error::InvalidArgument("cpu_flash: expected q, k, v of rank 4 and segment ids of rank 2");
   Dims& d = p->d;
-  d = Dims{qd[0], qd[1], k.dimensions()[1], qd[2], qd[3], 0};
+  d = Dims{qd[0], qd[1], kd[1], qd[2], qd[3], 0};
   d.Lkp = round_up(std::max<int64_t>(d.Lk, 1), W);
-  if (auto err = check(d, qd, k.dimensions(), v.dimensions(), qseg.dimensions(), kseg.dimensions());
-      err.failure())
-    return err;
+  if (auto err = check(d, qd, kd, vd, qsd, ksd); err.failure()) return err;
   p->bq = std::max<int64_t>(1, block_q);
   p->bk = round_up(std::max<int64_t>(W, block_kv), W);
   p->lds = p->bk + VL;  // logit tile row stride: one vector more breaks cache-set aliasing
@@ -287,34 +362,27 @@ ffi::Error make_plan(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>
   p->nk = (d.Lkp + p->bk - 1) / p->bk;
   p->row = d.H * d.D;
   p->scale = 1.0f / std::sqrt(static_cast<float>(d.D));
-  p->ksp = padded_kv_segments(kseg.typed_data(), d);
+  p->ksp = padded_kv_segments(kseg, d);
   p->kb = block_segments(p->ksp.data(), d.B, d.Lkp, d.Lkp, p->bk);
-  p->qb = block_segments(qseg.typed_data(), d.B, d.Lq, d.Lq, p->bq);
+  p->qb = block_segments(qseg, d.B, d.Lq, d.Lq, p->bq);
   return ffi::Error::Success();
 }
 
-ffi::Error FlashForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> qseg, ffi::Buffer<ffi::S32> kseg,
-                        ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, int64_t block_q,
-                        int64_t block_kv) {
-  Plan p;
-  if (auto err = make_plan(q, k, v, qseg, kseg, block_q, block_kv, &p); err.failure()) return err;
+// The forward pass on plain pointers: Q [B, Lq, H, D], K and V [B, Lk, H, D] -> O [B, Lq, H, D], LSE [B, H, Lq].
+// With qnr and knr (the norm_rope handlers), q and k are normalised and rotated as they are packed.
+void forward(ffi::ThreadPool& pool, const Plan& p, const float* Q, const float* K, const float* V,
+             const int32_t* QS, float* O, float* LSE, const NormRope* qnr = nullptr,
+             const NormRope* knr = nullptr) {
   const Dims& d = p.d;
   const int64_t bq = p.bq, bk = p.bk, lds = p.lds, nq = p.nq, nk = p.nk, row = p.row;
   const float scale = p.scale;
   const std::vector<int32_t>& ksp = p.ksp;
   const BlockSegments &kb = p.kb, &qb = p.qb;
-  const float* Q = q.typed_data();
-  const float* K = k.typed_data();
-  const float* V = v.typed_data();
-  const int32_t* QS = qseg.typed_data();
-  float* O = out->typed_data();
-  float* LSE = lse->typed_data();
 
   // Per head: keys in panels (scaled), values as contiguous rows.
   std::vector<float> kt(d.B * d.H * d.D * d.Lkp), vr(d.B * d.H * d.Lk * d.D);
   parallel_for(pool, d.B * d.H, [&](int64_t bh) {
-    pack_panels(K, d, bh / d.H, bh % d.H, scale, kt.data() + bh * d.D * d.Lkp);
+    pack_panels(K, d, bh / d.H, bh % d.H, scale, kt.data() + bh * d.D * d.Lkp, knr);
     pack_rows(V, d.Lk, d, bh / d.H, bh % d.H, vr.data() + bh * d.Lk * d.D);
   });
 
@@ -322,6 +390,14 @@ ffi::Error FlashForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
     const int64_t bh = item / nq, qi = item % nq, b = bh / d.H, h = bh % d.H;
     const int64_t q0 = qi * bq, rows = std::min(bq, d.Lq - q0);
     const float* qptr = Q + (b * d.Lq + q0) * row + h * d.D;
+    int64_t ldq = row;
+    std::vector<float> qblock(qnr ? rows * d.D : 0);
+    if (qnr) {  // this block's queries, normalised and rotated
+      for (int64_t r = 0; r < rows; ++r)
+        norm_rope_row(*qnr, b * d.Lq + q0 + r, qptr + r * row, d.D, 1.f, qblock.data() + r * d.D);
+      qptr = qblock.data();
+      ldq = d.D;
+    }
     const int32_t* qs = QS + b * d.Lq + q0;
     const float* ktp = kt.data() + bh * d.D * d.Lkp;
     const float* vrp = vr.data() + bh * d.Lk * d.D;
@@ -330,7 +406,7 @@ ffi::Error FlashForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
       if (qb.lo[b * nq + qi] > kb.hi[b * nk + kj] || kb.lo[b * nk + kj] > qb.hi[b * nq + qi]) continue;
       const int64_t k0 = kj * bk, cols = std::min(bk, d.Lkp - k0);
       const int32_t* ks = ksp.data() + b * d.Lkp + k0;
-      gemm_panels<false>(rows, cols, d.D, qptr, row, ktp + k0 * d.D, s.data(), lds, false);
+      gemm_panels<false>(rows, cols, d.D, qptr, ldq, ktp + k0 * d.D, s.data(), lds, false);
       // Keys all of one segment: only rows of that segment see them, unmasked.
       const bool uniform = kb.uniform[b * nk + kj];
       for (int64_t r = 0; r < rows; ++r) {
@@ -381,32 +457,22 @@ ffi::Error FlashForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
       LSE[bh * d.Lq + q0 + r] = valid ? m[r] + std::log(l[r]) : 0.f;
     }
   });
-  return ffi::Error::Success();
 }
 
-ffi::Error FlashBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                         ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> qseg, ffi::Buffer<ffi::S32> kseg,
-                         ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
-                         ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                         ffi::ResultBuffer<ffi::F32> dv, int64_t block_q, int64_t block_kv) {
-  Plan p;
-  if (auto err = make_plan(q, k, v, qseg, kseg, block_q, block_kv, &p); err.failure()) return err;
+// The backward pass on plain pointers: from the forward's inputs, its O and LSE and dO [B, Lq, H, D], the
+// gradients dQ, dK, dV (each written whole). With qnr and knr (the norm_rope handlers), q and k are normalised and rotated as they are packed, dQ and dK
+// are the gradients of the raw q and k, and dqscale and dkscale [D] receive the norm scales' gradients.
+void backward(ffi::ThreadPool& pool, const Plan& p, const float* Q, const float* K, const float* V,
+              const int32_t* QS, const float* Out, const float* LSE, const float* dO, float* dQ, float* dK,
+              float* dV, const NormRope* qnr = nullptr, const NormRope* knr = nullptr, float* dqscale = nullptr,
+              float* dkscale = nullptr) {
   const Dims& d = p.d;
   const int64_t bq = p.bq, bk = p.bk, lds = p.lds, nq = p.nq, nk = p.nk, row = p.row;
   const float scale = p.scale;
   const std::vector<int32_t>& ksp = p.ksp;
   const BlockSegments &kb = p.kb, &qb = p.qb;
-  const float* Q = q.typed_data();
-  const float* K = k.typed_data();
-  const float* V = v.typed_data();
-  const float* Out = out.typed_data();
-  const float* LSE = lse.typed_data();
-  const float* dO = dout.typed_data();
-  const int32_t* QS = qseg.typed_data();
-  float* dQ = dq->typed_data();
-  float* dK = dk->typed_data();
-  float* dV = dv->typed_data();
-
+  // Per (batch, head): the q scale's gradient, then the k scale's.
+  std::vector<float> dscale_parts(qnr && knr ? 2 * d.B * d.H * d.D : 0, 0.f);
 
   parallel_for(pool, d.B * d.H, [&](int64_t bh) {
     const int64_t b = bh / d.H, h = bh % d.H;
@@ -415,11 +481,13 @@ ffi::Error FlashBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
     std::vector<float> kt(d.D * d.Lkp), vt(d.D * d.Lkp), qr(d.Lq * d.D), dor(d.Lq * d.D), kr(d.Lk * d.D);
     std::vector<float> dqa(d.Lq * d.D, 0.f), delta(d.Lq);
     std::vector<float> p(bq * lds), ds(bq * lds), dka(bk * d.D), dva(bk * d.D);
-    pack_panels(K, d, b, h, scale, kt.data());
+    pack_panels(K, d, b, h, scale, kt.data(), knr);
     pack_panels(V, d, b, h, 1.f, vt.data());
-    pack_rows(Q, d.Lq, d, b, h, qr.data());
+    pack_rows(Q, d.Lq, d, b, h, qr.data(), qnr);
     pack_rows(dO, d.Lq, d, b, h, dor.data());
-    pack_rows(K, d.Lk, d, b, h, kr.data());
+    pack_rows(K, d.Lk, d, b, h, kr.data(), knr);
+    std::vector<float> n(d.D), dn(d.D);  // scratch of norm_rope_row_backward
+    float* dks = knr ? dscale_parts.data() + (d.B * d.H + bh) * d.D : nullptr;
     const float* qbase = qr.data();
     const float* dobase = dor.data();
     const float* kbase = kr.data();
@@ -474,13 +542,126 @@ ffi::Error FlashBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
         gemm<false>(rows, d.D, kreal, ds.data(), lds, kbase + k0 * d.D, d.D, dqa.data() + q0 * d.D, d.D, true);
       }
       for (int64_t j = 0; j < kreal; ++j) {
-        std::memcpy(dK + (b * d.Lk + k0 + j) * row + h * d.D, dka.data() + j * d.D, d.D * sizeof(float));
+        float* dk_row = dK + (b * d.Lk + k0 + j) * row + h * d.D;
+        if (knr)
+          norm_rope_row_backward(*knr, b * d.Lk + k0 + j, K + (b * d.Lk + k0 + j) * row + h * d.D,
+                                 dka.data() + j * d.D, d.D, dk_row, dks, n.data(), dn.data());
+        else
+          std::memcpy(dk_row, dka.data() + j * d.D, d.D * sizeof(float));
         std::memcpy(dV + (b * d.Lk + k0 + j) * row + h * d.D, dva.data() + j * d.D, d.D * sizeof(float));
       }
     }
-    for (int64_t i = 0; i < d.Lq; ++i)
-      std::memcpy(dQ + (b * d.Lq + i) * row + h * d.D, dqa.data() + i * d.D, d.D * sizeof(float));
+    float* dqs = qnr ? dscale_parts.data() + bh * d.D : nullptr;
+    for (int64_t i = 0; i < d.Lq; ++i) {
+      float* dq_row = dQ + (b * d.Lq + i) * row + h * d.D;
+      if (qnr)
+        norm_rope_row_backward(*qnr, b * d.Lq + i, Q + (b * d.Lq + i) * row + h * d.D, dqa.data() + i * d.D,
+                               d.D, dq_row, dqs, n.data(), dn.data());
+      else
+        std::memcpy(dq_row, dqa.data() + i * d.D, d.D * sizeof(float));
+    }
   });
+  // The scale gradients: per-head partial sums added in head order, the same result whichever thread ran which.
+  if (qnr && knr) {
+    std::fill(dqscale, dqscale + d.D, 0.f);
+    std::fill(dkscale, dkscale + d.D, 0.f);
+    for (int64_t bh = 0; bh < d.B * d.H; ++bh)
+      for (int64_t c = 0; c < d.D; ++c) {
+        dqscale[c] += dscale_parts[bh * d.D + c];
+        dkscale[c] += dscale_parts[(d.B * d.H + bh) * d.D + c];
+      }
+  }
+}
+
+ffi::Error FlashForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> qseg, ffi::Buffer<ffi::S32> kseg,
+                        ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, int64_t block_q,
+                        int64_t block_kv) {
+  Plan p;
+  if (auto err = make_plan(q.dimensions(), k.dimensions(), v.dimensions(), qseg.dimensions(), kseg.dimensions(),
+                           qseg.typed_data(), kseg.typed_data(), block_q, block_kv, &p);
+      err.failure())
+    return err;
+  forward(pool, p, q.typed_data(), k.typed_data(), v.typed_data(), qseg.typed_data(), out->typed_data(),
+          lse->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error FlashBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                         ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> qseg, ffi::Buffer<ffi::S32> kseg,
+                         ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
+                         ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                         ffi::ResultBuffer<ffi::F32> dv, int64_t block_q, int64_t block_kv) {
+  Plan p;
+  if (auto err = make_plan(q.dimensions(), k.dimensions(), v.dimensions(), qseg.dimensions(), kseg.dimensions(),
+                           qseg.typed_data(), kseg.typed_data(), block_q, block_kv, &p);
+      err.failure())
+    return err;
+  backward(pool, p, q.typed_data(), k.typed_data(), v.typed_data(), qseg.typed_data(), out.typed_data(),
+           lse.typed_data(), dout.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error check_norm_rope(const Dims& d, ffi::AnyBuffer::Dimensions qscale, ffi::AnyBuffer::Dimensions kscale,
+                           ffi::AnyBuffer::Dimensions qcos, ffi::AnyBuffer::Dimensions qsin,
+                           ffi::AnyBuffer::Dimensions kcos, ffi::AnyBuffer::Dimensions ksin) {
+  const int64_t half = d.D / 2;
+  if (qscale.size() != 1 || kscale.size() != 1 || qscale[0] != d.D || kscale[0] != d.D)
+    return ffi::Error::InvalidArgument("cpu_flash norm_rope: the norm scales must be [head_dim]");
+  for (auto [c, L] : {std::pair(qcos, d.Lq), std::pair(qsin, d.Lq), std::pair(kcos, d.Lk), std::pair(ksin, d.Lk)})
+    if (c.size() != 3 || c[0] != d.B || c[1] != L || c[2] != half)
+      return ffi::Error::InvalidArgument("cpu_flash norm_rope: cos and sin must be [B, L, head_dim / 2]");
+  return ffi::Error::Success();
+}
+
+ffi::Error FlashNormRopeForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                                ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> qseg, ffi::Buffer<ffi::S32> kseg,
+                                ffi::Buffer<ffi::F32> qscale, ffi::Buffer<ffi::F32> kscale,
+                                ffi::Buffer<ffi::F32> qcos, ffi::Buffer<ffi::F32> qsin,
+                                ffi::Buffer<ffi::F32> kcos, ffi::Buffer<ffi::F32> ksin,
+                                ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, int64_t block_q,
+                                int64_t block_kv, float eps) {
+  Plan p;
+  if (auto err = make_plan(q.dimensions(), k.dimensions(), v.dimensions(), qseg.dimensions(), kseg.dimensions(),
+                           qseg.typed_data(), kseg.typed_data(), block_q, block_kv, &p);
+      err.failure())
+    return err;
+  const Dims& d = p.d;
+  if (auto err = check_norm_rope(d, qscale.dimensions(), kscale.dimensions(), qcos.dimensions(),
+                                 qsin.dimensions(), kcos.dimensions(), ksin.dimensions());
+      err.failure())
+    return err;
+  const NormRope qnr{qscale.typed_data(), qcos.typed_data(), qsin.typed_data(), eps};
+  const NormRope knr{kscale.typed_data(), kcos.typed_data(), ksin.typed_data(), eps};
+  forward(pool, p, q.typed_data(), k.typed_data(), v.typed_data(), qseg.typed_data(), out->typed_data(),
+          lse->typed_data(), &qnr, &knr);
+  return ffi::Error::Success();
+}
+
+ffi::Error FlashNormRopeBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                                 ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> qseg, ffi::Buffer<ffi::S32> kseg,
+                                 ffi::Buffer<ffi::F32> qscale, ffi::Buffer<ffi::F32> kscale,
+                                 ffi::Buffer<ffi::F32> qcos, ffi::Buffer<ffi::F32> qsin,
+                                 ffi::Buffer<ffi::F32> kcos, ffi::Buffer<ffi::F32> ksin,
+                                 ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
+                                 ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                                 ffi::ResultBuffer<ffi::F32> dv, ffi::ResultBuffer<ffi::F32> dqscale,
+                                 ffi::ResultBuffer<ffi::F32> dkscale, int64_t block_q, int64_t block_kv, float eps) {
+  Plan p;
+  if (auto err = make_plan(q.dimensions(), k.dimensions(), v.dimensions(), qseg.dimensions(), kseg.dimensions(),
+                           qseg.typed_data(), kseg.typed_data(), block_q, block_kv, &p);
+      err.failure())
+    return err;
+  const Dims& d = p.d;
+  if (auto err = check_norm_rope(d, qscale.dimensions(), kscale.dimensions(), qcos.dimensions(),
+                                 qsin.dimensions(), kcos.dimensions(), ksin.dimensions());
+      err.failure())
+    return err;
+  const NormRope qnr{qscale.typed_data(), qcos.typed_data(), qsin.typed_data(), eps};
+  const NormRope knr{kscale.typed_data(), kcos.typed_data(), ksin.typed_data(), eps};
+  backward(pool, p, q.typed_data(), k.typed_data(), v.typed_data(), qseg.typed_data(), out.typed_data(),
+           lse.typed_data(), dout.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data(), &qnr, &knr,
+           dqscale->typed_data(), dkscale->typed_data());
   return ffi::Error::Success();
 }
 
@@ -515,3 +696,49 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SoraJaxFlashBackward, FlashBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("block_q")
                                   .Attr<int64_t>("block_kv"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SoraJaxFlashNormRopeForward, FlashNormRopeForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q segment ids
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv segment ids
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q norm scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k norm scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q cos
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q sin
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k cos
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k sin
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Attr<int64_t>("block_q")
+                                  .Attr<int64_t>("block_kv")
+                                  .Attr<float>("eps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SoraJaxFlashNormRopeBackward, FlashNormRopeBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q segment ids
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv segment ids
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q norm scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k norm scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q cos
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q sin
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k cos
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k sin
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // out
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dv
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d q norm scale
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d k norm scale
+                                  .Attr<int64_t>("block_q")
+                                  .Attr<int64_t>("block_kv")
+                                  .Attr<float>("eps"));

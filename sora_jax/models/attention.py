@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,8 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
+from sora_jax.models import norms
+from sora_jax.models import rope as rope_lib
 from sora_jax.parallel import mesh as mesh_lib
 
 BACKENDS = ("xla", "blockwise", "cpu_flash", "cudnn", "splash", "splash_fused", "auto")
@@ -53,6 +56,24 @@ RESIDUALS_NAME = "attention_residuals"
 
 # Finite large negative: keeps exp() at 0 without inf - inf = NaN.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+class QKNormRope(NamedTuple):
+  """What attention does to q and k before the logits: RMS norm over the head dim with a learned scale, then
+  rotary embedding (`rope.apply`). cpu_flash fuses both into its kernel; the other backends apply them in JAX.
+
+  The rotation tables are constants of the token positions: no gradient flows into them.
+  """
+  q_scale: jax.Array  # [D]
+  k_scale: jax.Array  # [D]
+  eps: float
+  q_rope: tuple[jax.Array, jax.Array]  # (cos, sin), [B, Lq, D / 2] each
+  k_rope: tuple[jax.Array, jax.Array]  # (cos, sin), [B, Lk, D / 2] each
+
+  def apply(self, q, k):
+    """The prologue in JAX: (q, k) normalised and rotated, in their own dtypes."""
+    return (rope_lib.apply(norms.rms_norm(q, self.q_scale, self.eps), *self.q_rope),
+            rope_lib.apply(norms.rms_norm(k, self.k_scale, self.eps), *self.k_rope))
 
 
 def segment_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array) -> jax.Array:
@@ -219,11 +240,11 @@ def _blockwise_bwd(block_q, block_kv, precision, res, dout):
 _blockwise_attention.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
-def _cpu_flash_call(target, results, *args):
+def _cpu_flash_call(target, results, *args, **attrs):
   from sora_jax.kernels import cpu as cpu_kernels  # pylint: disable=g-import-not-at-top
   cpu_kernels.load()
   return jax.ffi.ffi_call(target, results, vmap_method="sequential")(
-      *args, block_q=np.int64(CPU_FLASH_BLOCK_Q), block_kv=np.int64(CPU_FLASH_BLOCK_KV))
+      *args, block_q=np.int64(CPU_FLASH_BLOCK_Q), block_kv=np.int64(CPU_FLASH_BLOCK_KV), **attrs)
 
 
 @jax.custom_vjp
@@ -253,6 +274,36 @@ def _cpu_flash_bwd(res, dout):
 _cpu_flash.defvjp(_cpu_flash_fwd, _cpu_flash_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(11,))
+def _cpu_flash_norm_rope(q, k, v, qseg, kseg, q_scale, k_scale, q_cos, q_sin, k_cos, k_sin, eps):
+  return _cpu_flash_norm_rope_fwd(q, k, v, qseg, kseg, q_scale, k_scale, q_cos, q_sin, k_cos, k_sin, eps)[0]
+
+
+def _cpu_flash_norm_rope_fwd(q, k, v, qseg, kseg, q_scale, k_scale, q_cos, q_sin, k_cos, k_sin, eps):
+  from sora_jax.kernels import cpu as cpu_kernels  # pylint: disable=g-import-not-at-top
+  b, lq, h, _ = q.shape
+  args = (q, k, v, qseg, kseg, q_scale, k_scale, q_cos, q_sin, k_cos, k_sin)
+  out, lse = _cpu_flash_call(cpu_kernels.FLASH_NORM_ROPE_FORWARD,
+                             (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                              jax.ShapeDtypeStruct((b, h, lq), jnp.float32)), *args, eps=np.float32(eps))
+  out, lse = (checkpoint_name(x, RESIDUALS_NAME) for x in (out, lse))
+  return out, (args, out, lse)
+
+
+def _cpu_flash_norm_rope_bwd(eps, res, dout):
+  from sora_jax.kernels import cpu as cpu_kernels  # pylint: disable=g-import-not-at-top
+  args, out, lse = res
+  q, k, v, _, _, q_scale, k_scale = args[:7]
+  grads = _cpu_flash_call(cpu_kernels.FLASH_NORM_ROPE_BACKWARD,
+                          tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v, q_scale, k_scale)),
+                          *args, out, lse, dout.astype(jnp.float32), eps=np.float32(eps))
+  dq, dk, dv, dq_scale, dk_scale = grads
+  return dq, dk, dv, None, None, dq_scale, dk_scale, None, None, None, None
+
+
+_cpu_flash_norm_rope.defvjp(_cpu_flash_norm_rope_fwd, _cpu_flash_norm_rope_bwd)
+
+
 def cpu_flash_supported(head_dim: int) -> bool:
   """Whether cpu_flash can run here: compiling for CPU, head dim a multiple of 16, kernel built."""
   if mesh_lib.target_platform() != "cpu" or head_dim % 16:
@@ -261,8 +312,9 @@ def cpu_flash_supported(head_dim: int) -> bool:
   return cpu_kernels.available()
 
 
-def _cpu_flash_attention(q, k, v, q_segment_ids, kv_segment_ids):
-  """The fused C++ CPU kernel; computes in float32 and returns q.dtype."""
+def _cpu_flash_attention(q, k, v, q_segment_ids, kv_segment_ids, *prologue, eps=None):
+  """The fused C++ CPU kernel; computes in float32 and returns q.dtype. `prologue`: the arrays of a
+  `QKNormRope` (q_scale, k_scale, q_cos, q_sin, k_cos, k_sin), fused into the kernel, with its `eps`."""
   if mesh_lib.target_platform() != "cpu":
     raise ValueError(f"attention backend 'cpu_flash' runs on CPU only, but the target platform is "
                      f"{mesh_lib.target_platform()!r}; use backend='auto'.")
@@ -270,7 +322,11 @@ def _cpu_flash_attention(q, k, v, q_segment_ids, kv_segment_ids):
     raise ValueError(f"attention backend 'cpu_flash' needs a head dim that is a multiple of 16; got "
                      f"{q.shape[-1]}. Use backend='blockwise'.")
   q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
-  out = _cpu_flash(q32, k32, v32, q_segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32))
+  ids = (q_segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32))
+  if prologue:
+    out = _cpu_flash_norm_rope(q32, k32, v32, *ids, *(x.astype(jnp.float32) for x in prologue), eps)
+  else:
+    out = _cpu_flash(q32, k32, v32, *ids)
   return out.astype(q.dtype)
 
 
@@ -352,16 +408,17 @@ def _splash_attention(q, k, v, q_segment_ids, kv_segment_ids, block_q, block_kv,
   return jnp.where(valid[:, :, None, None], out, 0).astype(q.dtype)
 
 
-def _per_shard(fn, q, k, v, q_segment_ids, kv_segment_ids):
+def _per_shard(fn, q, k, v, q_segment_ids, kv_segment_ids, *prologue):
   """Runs a kernel without a partitioning rule (splash, cpu_flash) on each shard of the mesh in context.
 
   Batch goes over ('data', 'fsdp'), heads over 'tensor', queries over 'context'; keys and values are
   gathered along the sequence (all-gather context parallelism), so any segment layout stays exact.
-  An axis that does not divide its dimension is left replicated.
+  An axis that does not divide its dimension is left replicated. `prologue`: a `QKNormRope`'s arrays
+  (scales replicated, rotation tables split like the tokens they rotate).
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
-    return fn(q, k, v, q_segment_ids, kv_segment_ids)
+    return fn(q, k, v, q_segment_ids, kv_segment_ids, *prologue)
   size = dict(zip(mesh.axis_names, mesh.axis_sizes))
 
   def axis(names, dim):
@@ -372,9 +429,11 @@ def _per_shard(fn, q, k, v, q_segment_ids, kv_segment_ids):
   heads = axis(("tensor",), q.shape[2])
   qlen = axis(("context",), q.shape[1])
   qspec, kvspec = P(batch, qlen, heads, None), P(batch, None, heads, None)
-  return jax.shard_map(
-      fn, mesh=mesh, in_specs=(qspec, kvspec, kvspec, P(batch, qlen), P(batch, None)), out_specs=qspec,
-      check_vma=False)(q, k, v, q_segment_ids, kv_segment_ids)
+  specs = (qspec, kvspec, kvspec, P(batch, qlen), P(batch, None))
+  if prologue:
+    specs += (P(None), P(None)) + (P(batch, qlen, None),) * 2 + (P(batch, None, None),) * 2
+  return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=qspec, check_vma=False)(
+      q, k, v, q_segment_ids, kv_segment_ids, *prologue)
 
 
 def resolve_backend(backend: str, q_len: int, kv_len: int, head_dim: int | None = None) -> str:
@@ -392,7 +451,8 @@ def resolve_backend(backend: str, q_len: int, kv_len: int, head_dim: int | None 
 
 
 def attention(q, k, v, q_segment_ids, kv_segment_ids, *, backend: str = "xla",
-              block_q: int = 512, block_kv: int = 512, precision=None) -> jax.Array:
+              block_q: int = 512, block_kv: int = 512, precision=None,
+              qk_norm_rope: QKNormRope | None = None) -> jax.Array:
   """Segment-masked multi-head attention.
 
   Args:
@@ -405,6 +465,8 @@ def attention(q, k, v, q_segment_ids, kv_segment_ids, *, backend: str = "xla",
     block_q: query block size (blockwise, splash).
     block_kv: key/value block size (blockwise, splash).
     precision: matmul precision passed to einsums (xla, blockwise).
+    qk_norm_rope: RMS norm and rotation of q and k before the logits (see `QKNormRope`); cpu_flash runs
+      them inside its kernel, the other backends in JAX.
 
   Returns:
     [B, Lq, H, D] in q.dtype.
@@ -418,6 +480,12 @@ def attention(q, k, v, q_segment_ids, kv_segment_ids, *, backend: str = "xla",
     raise ValueError(f"Segment ids must be [B, Lq] {q.shape[:2]} and [B, Lk] {k.shape[:2]}; "
                      f"got {q_segment_ids.shape} and {kv_segment_ids.shape}.")
   backend = resolve_backend(backend, q.shape[1], k.shape[1], q.shape[-1])
+  if qk_norm_rope is not None and backend == "cpu_flash":
+    p = qk_norm_rope
+    return _per_shard(functools.partial(_cpu_flash_attention, eps=p.eps), q, k, v, q_segment_ids,
+                      kv_segment_ids, p.q_scale, p.k_scale, *p.q_rope, *p.k_rope)
+  if qk_norm_rope is not None:
+    q, k = qk_norm_rope.apply(q, k)
   if backend == "xla":
     return _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, precision)
   if backend == "blockwise":

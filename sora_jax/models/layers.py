@@ -14,6 +14,7 @@ from flax import nnx
 
 from sora_jax import segments
 from sora_jax.models import attention as attention_lib
+from sora_jax.models import norms
 from sora_jax.models import rope as rope_lib
 from sora_jax.parallel import mesh as mesh_lib
 
@@ -78,12 +79,7 @@ class RMSNorm(nnx.Module):
     self.eps = eps
 
   def __call__(self, x):
-    dtype = x.dtype
-    x = x.astype(jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-    if self.scale is not None:
-      x = x * self.scale[...]
-    return x.astype(dtype)
+    return norms.rms_norm(x, None if self.scale is None else self.scale[...], self.eps)
 
 
 class LayerNorm(nnx.Module):
@@ -136,13 +132,20 @@ class Attention(nnx.Module):
     context = x if context is None else context
     kv_segment_ids = q_segment_ids if kv_segment_ids is None else kv_segment_ids
     q, k, v = self.q(x), self.k(context), self.v(context)  # [B, L, H, Dh]
-    if self.q_norm is not None:
-      q, k = self.q_norm(q), self.k_norm(k)
-    if rope is not None:
-      q = rope_lib.apply(q, *rope)
-      k = rope_lib.apply(k, *(rope if kv_rope is None else kv_rope))
+    prologue = None
+    if self.q_norm is not None and rope is not None:
+      # Norm and rotation go to the attention call, which fuses them into the kernel where it can.
+      prologue = attention_lib.QKNormRope(self.q_norm.scale[...], self.k_norm.scale[...], self.q_norm.eps,
+                                          rope, rope if kv_rope is None else kv_rope)
+    else:
+      if self.q_norm is not None:
+        q, k = self.q_norm(q), self.k_norm(k)
+      if rope is not None:
+        q = rope_lib.apply(q, *rope)
+        k = rope_lib.apply(k, *(rope if kv_rope is None else kv_rope))
     q = mesh_lib.constrain(q, ("act_batch", "act_len", "act_heads", None))
-    out = attention_lib.attention(q, k, v, q_segment_ids, kv_segment_ids, backend=self.backend)
+    out = attention_lib.attention(q, k, v, q_segment_ids, kv_segment_ids, backend=self.backend,
+                                  qk_norm_rope=prologue)
     return self.o(out)
 
 

@@ -11,6 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sora_jax.kernels import cpu as cpu_kernels
 from sora_jax.models import attention as attention_lib
+from sora_jax.models import rope as rope_lib
 from sora_jax.models.attention import attention
 from tests.models.attention_test import _packed_ids as _ids
 
@@ -55,6 +56,41 @@ def test_matches_xla_in_value_and_gradient(case, head_dim):
     np.testing.assert_allclose(g, g_ref, atol=2e-5, rtol=1e-4)
 
 
+def _prologue(qseg, kseg, head_dim, seed=2):
+  """A QKNormRope with scales away from 1 and 3D rotation tables of random token coordinates."""
+  rng = np.random.RandomState(seed)
+  scales = [jnp.asarray(1 + 0.3 * rng.randn(head_dim), jnp.float32) for _ in range(2)]
+  tables = [rope_lib.rope_3d(jnp.asarray(rng.randint(0, 30, (*ids.shape, 3))), head_dim) for ids in (qseg, kseg)]
+  return attention_lib.QKNormRope(*scales, 1e-6, *tables)
+
+
+def _prologue_value_and_grads(backend, q, k, v, qseg, kseg, prologue, w):
+  """Value and gradients (q, k, v, both norm scales) of a weighted sum of attention with the prologue."""
+  def loss(q, k, v, q_scale, k_scale):
+    p = prologue._replace(q_scale=q_scale, k_scale=k_scale)
+    return jnp.sum(attention(q, k, v, qseg, kseg, backend=backend, qk_norm_rope=p) * w)
+
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))(q, k, v, prologue.q_scale, prologue.k_scale)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_norm_rope_prologue_in_the_kernel_matches_it_in_jax(case, head_dim):
+  """cpu_flash normalises and rotates q and k inside the kernel (and back-propagates through both there,
+  scales included); the xla backend applies the same `QKNormRope` in JAX first."""
+  qseg, kseg = (jnp.asarray(x) for x in CASES[case])
+  q, k, v = (3 * x for x in _qkv(2, qseg.shape[1], kseg.shape[1], 3, head_dim))  # RMS far from 1
+  prologue = _prologue(qseg, kseg, head_dim)
+  w = jnp.asarray(np.random.RandomState(1).randn(*q.shape), jnp.float32)
+  loss_ref, grads_ref = _prologue_value_and_grads("xla", q, k, v, qseg, kseg, prologue, w)
+  loss, grads = _prologue_value_and_grads("cpu_flash", q, k, v, qseg, kseg, prologue, w)
+  np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+  for name, g, g_ref in zip(("q", "k", "v", "q_scale", "k_scale"), grads, grads_ref):
+    np.testing.assert_allclose(g, g_ref, atol=2e-5 * float(jnp.max(jnp.abs(g_ref))), rtol=1e-4, err_msg=name)
+  # Padding queries (row 0 ends in padding in both cases) get no gradient.
+  assert (np.asarray(grads[0])[0, 290:] == 0).all()
+
+
 def test_padding_and_keyless_queries_are_exactly_zero_with_zero_gradient():
   qseg, kseg = (jnp.asarray(x) for x in CASES["cross"])
   q, k, v = _qkv(2, 300, 77, 2, 16)
@@ -91,6 +127,26 @@ def test_sharded_over_a_mesh_matches_one_device():
     segs = [shard(x, P("fsdp")) for x in (qseg, kseg)]
     out = jax.jit(lambda q, k, v, a, b: attention(q, k, v, a, b, backend="cpu_flash"))(*args, *segs)
   np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_norm_rope_prologue_sharded_sums_the_scale_gradients_over_shards():
+  """Under a mesh the scales are replicated into every shard's kernel: their gradient is the sum of the
+  shards' partial sums, as on one device."""
+  from sora_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  if jax.device_count() < 4:
+    pytest.skip("needs 4 devices")
+  qseg, kseg = (jnp.asarray(x) for x in CASES["self"])
+  q, k, v = _qkv(2, 300, 300, 2, 16)
+  prologue = _prologue(qseg, kseg, 16)
+  w = jnp.asarray(np.random.RandomState(1).randn(*q.shape), jnp.float32)
+  expected = _prologue_value_and_grads("xla", q, k, v, qseg, kseg, prologue, w)
+  mesh = mesh_lib.make_mesh([("data", 1), ("fsdp", 2), ("context", 1), ("tensor", 2)], devices=jax.devices()[:4])
+  with mesh_lib.use(mesh, mesh_lib.DIT_RULES):
+    shard = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
+    q, k, v = (shard(x, P("fsdp", None, "tensor")) for x in (q, k, v))
+    got = _prologue_value_and_grads("cpu_flash", q, k, v, qseg, kseg, prologue, w)
+  for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, e, atol=2e-5 * float(jnp.max(jnp.abs(e))), rtol=1e-4)
 
 
 def _count_kernel_calls(jaxpr, target):
@@ -168,6 +224,7 @@ def test_library_is_cached_per_source(tmp_path, monkeypatch):
 
 _AVX2_CHECK = """
 import jax, jax.numpy as jnp, numpy as np
+from sora_jax.models import rope as rope_lib
 from sora_jax.models.attention import attention
 rng = np.random.RandomState(0)
 q, k, v = (jnp.asarray(rng.randn(2, n, 2, 16), jnp.float32) for n in (100, 70, 70))
@@ -177,6 +234,13 @@ f = lambda b: jax.value_and_grad(lambda q, k, v: jnp.sum(jnp.sin(attention(q, k,
                                  argnums=(0, 1, 2))(q, k, v)
 for a, e in zip(jax.tree.leaves(f("cpu_flash")), jax.tree.leaves(f("xla"))):
   np.testing.assert_allclose(a, e, atol=2e-5, rtol=1e-4)
+from sora_jax.models import attention as A, rope as R
+tables = [R.rope_3d(jnp.asarray(rng.randint(0, 9, (2, n, 3))), 16) for n in (100, 70)]
+g = lambda b: jax.grad(lambda q, k, s: jnp.sum(jnp.sin(attention(
+    q, k, v, qs, ks, backend=b, qk_norm_rope=A.QKNormRope(s, 2 * s, 1e-6, *tables)))), argnums=(0, 1, 2))(
+        q, k, jnp.linspace(0.5, 1.5, 16))
+for a, e in zip(g("cpu_flash"), g("xla")):
+  np.testing.assert_allclose(a, e, atol=2e-5 * float(np.abs(e).max()), rtol=1e-4)
 print("ok")
 """
 

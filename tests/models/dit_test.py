@@ -399,3 +399,29 @@ def test_wan1p3b_config_is_parameter_matched_to_wan():
   norms = depth * (4 * (d // config.dit.num_heads) + d) - depth * (4 * d + 2 * d)
   assert ours == WAN_1P3B_PARAMS + pooled_text + final_mod + norms
   assert abs(ours / WAN_1P3B_PARAMS - 1) < 0.01
+
+
+def test_cpu_flash_with_the_qk_prologue_in_the_kernel_equals_xla():
+  """With QK-norm and RoPE, cpu_flash takes the norm and the rotation into its kernel: the DiT's output and
+  every parameter's gradient (the norm scales included) stay those of the XLA backend."""
+  from sora_jax.kernels import cpu as cpu_kernels  # pylint: disable=import-outside-toplevel
+  if not cpu_kernels.available():
+    pytest.skip("no C++ compiler for the CPU kernels")
+  base = tiny_t2v.use_standard_schedule(tiny_t2v.use_cross_attention(tiny_t2v.get_config("runlocal")))
+  base.dit.width, base.dit.num_heads, base.dit.qk_norm = 64, 2, True  # head dim 32: a kernel size
+  results = {}
+  for backend in ("xla", "cpu_flash"):
+    config = base.copy_and_resolve_references()
+    config.attention = backend
+    _, mesh, graphdef, params, rest = _perturbed(config)
+    rows = _rows([_sample(config, (3, 2, 4), "a red circle moving left", 0, index=7),
+                  _sample(config, (2, 4, 2), "a blue square moving up", 1, index=8)])
+    with mesh_lib.use(mesh, mesh_lib.DIT_RULES):
+      results[backend] = jax.jit(jax.value_and_grad(
+          lambda p: jnp.sum(jnp.sin(_forward(graphdef, p, rest, rows, 0.6)))))(params)
+  (loss_ref, grads_ref), (loss, grads) = results["xla"], results["cpu_flash"]
+  np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(grads_ref)[0]]
+  assert any("q_norm" in p for p in paths)
+  for path, g, e in zip(paths, jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+    np.testing.assert_allclose(g, e, atol=1e-5 * (1 + float(jnp.max(jnp.abs(e)))), rtol=1e-4, err_msg=path)
