@@ -184,6 +184,19 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, const std::function<void(int
   st->cv.wait(lock, [&] { return st->done.load() == st->n; });
 }
 
+// A float buffer that its user writes in full before reading: unlike std::vector, no zero fill (megabytes a
+// call for the packed keys and values).
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) : data_(new float[n]) {}
+  float* data() { return data_.get(); }
+  const float* data() const { return data_.get(); }
+  float& operator[](int64_t i) { return data_[i]; }
+
+ private:
+  std::unique_ptr<float[]> data_;
+};
+
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Nonzero segment id range [lo, hi] of ids[0, n); lo > hi when all are 0 (padding).
@@ -380,7 +393,7 @@ void forward(ffi::ThreadPool& pool, const Plan& p, const float* Q, const float* 
   const BlockSegments &kb = p.kb, &qb = p.qb;
 
   // Per head: keys in panels (scaled), values as contiguous rows.
-  std::vector<float> kt(d.B * d.H * d.D * d.Lkp), vr(d.B * d.H * d.Lk * d.D);
+  Scratch kt(d.B * d.H * d.D * d.Lkp), vr(d.B * d.H * d.Lk * d.D);
   parallel_for(pool, d.B * d.H, [&](int64_t bh) {
     pack_panels(K, d, bh / d.H, bh % d.H, scale, kt.data() + bh * d.D * d.Lkp, knr);
     pack_rows(V, d.Lk, d, bh / d.H, bh % d.H, vr.data() + bh * d.Lk * d.D);
@@ -401,7 +414,8 @@ void forward(ffi::ThreadPool& pool, const Plan& p, const float* Q, const float* 
     const int32_t* qs = QS + b * d.Lq + q0;
     const float* ktp = kt.data() + bh * d.D * d.Lkp;
     const float* vrp = vr.data() + bh * d.Lk * d.D;
-    std::vector<float> s(rows * lds), acc(rows * d.D, 0.f), m(rows, kNegInf), l(rows, 0.f);
+    Scratch s(rows * lds);
+    std::vector<float> acc(rows * d.D, 0.f), m(rows, kNegInf), l(rows, 0.f);
     for (int64_t kj = 0; kj < nk; ++kj) {
       if (qb.lo[b * nq + qi] > kb.hi[b * nk + kj] || kb.lo[b * nk + kj] > qb.hi[b * nq + qi]) continue;
       const int64_t k0 = kj * bk, cols = std::min(bk, d.Lkp - k0);
@@ -478,9 +492,9 @@ void backward(ffi::ThreadPool& pool, const Plan& p, const float* Q, const float*
     const int64_t b = bh / d.H, h = bh % d.H;
     // This head's operands packed: keys (scaled) and values in panels; queries, output gradients and keys
     // as contiguous rows.
-    std::vector<float> kt(d.D * d.Lkp), vt(d.D * d.Lkp), qr(d.Lq * d.D), dor(d.Lq * d.D), kr(d.Lk * d.D);
-    std::vector<float> dqa(d.Lq * d.D, 0.f), delta(d.Lq);
-    std::vector<float> p(bq * lds), ds(bq * lds), dka(bk * d.D), dva(bk * d.D);
+    Scratch kt(d.D * d.Lkp), vt(d.D * d.Lkp), qr(d.Lq * d.D), dor(d.Lq * d.D), kr(d.Lk * d.D), delta(d.Lq);
+    Scratch p(bq * lds), ds(bq * lds), dka(bk * d.D), dva(bk * d.D);
+    std::vector<float> dqa(d.Lq * d.D, 0.f);
     pack_panels(K, d, b, h, scale, kt.data(), knr);
     pack_panels(V, d, b, h, 1.f, vt.data());
     pack_rows(Q, d.Lq, d, b, h, qr.data(), qnr);
@@ -504,8 +518,8 @@ void backward(ffi::ThreadPool& pool, const Plan& p, const float* Q, const float*
       const int64_t k0 = kj * bk, cols = std::min(bk, d.Lkp - k0);
       const int64_t kreal = std::max<int64_t>(0, std::min(cols, d.Lk - k0));
       const int32_t* ks = ksp.data() + b * d.Lkp + k0;
-      std::fill(dka.begin(), dka.end(), 0.f);
-      std::fill(dva.begin(), dva.end(), 0.f);
+      std::fill(dka.data(), dka.data() + bk * d.D, 0.f);
+      std::fill(dva.data(), dva.data() + bk * d.D, 0.f);
       for (int64_t qi = 0; qi < nq; ++qi) {
         if (qb.lo[b * nq + qi] > kb.hi[b * nk + kj] || kb.lo[b * nk + kj] > qb.hi[b * nq + qi]) continue;
         const int64_t q0 = qi * bq, rows = std::min(bq, d.Lq - q0);
