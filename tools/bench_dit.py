@@ -60,6 +60,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_env  # noqa: E402  (tools/, next to this script)
+
 _MARK = "BENCH_DIT "  # prefix of the workers' result lines (libraries may print to stdout too)
 
 
@@ -91,6 +94,8 @@ def _define_flags():
   flags.DEFINE_multi_string("set", [], "KEY=VALUE override of ours' config (repeatable), e.g. "
                             "dit.scan_layers=False, for what-if runs; the FLOP count uses the same config.")
   flags.DEFINE_string("impls", "ours,peer", "Which sides to run.")
+  flags.DEFINE_multi_string("ours_env", [], "KEY=VALUE environment variable for ours' worker only (repeatable), "
+                            "e.g. an LD_PRELOAD allocator; the peer keeps this process's environment.")
   flags.DEFINE_enum("peer_adamw", "default", ["default", "foreach", "fused"],
                     "torch AdamW implementation (default: what torch picks for CPU tensors).")
   flags.DEFINE_bool("breakdown", False, "After the rounds, time the step's parts in each worker: forward "
@@ -616,10 +621,10 @@ def run_worker(impl: str, args: dict) -> None:
 
 class _Worker:
 
-  def __init__(self, impl, python, argv):
+  def __init__(self, impl, python, argv, extra_env=None):
     self.impl = impl
     self.log = tempfile.NamedTemporaryFile("w+", prefix=f"bench_dit_{impl}_", suffix=".log", delete=False)
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **(extra_env or {}))
     self.proc = subprocess.Popen([python, os.path.abspath(__file__), f"--worker={impl}", *argv], env=env,
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
 
@@ -655,6 +660,7 @@ def main(argv):
     return
 
   impls = [i for i in F.impls.split(",") if i and not (i == "peer" and not F.ref_python)]
+  ours_env = bench_env.parse_pairs(F.ours_env)
   common = [f"--{n}={args[n]}" for n in names] + [f"--set={v}" for v in F.set]
   config = _config(args)
   flop = step_flops(config)
@@ -665,7 +671,8 @@ def main(argv):
   workers, ready = {}, {}
   try:
     for impl in impls:  # one at a time, so neither build nor compile overlaps the other
-      workers[impl] = _Worker(impl, sys.executable if impl == "ours" else F.ref_python, common)
+      workers[impl] = _Worker(impl, sys.executable if impl == "ours" else F.ref_python, common,
+                              ours_env if impl == "ours" else None)
       ready[impl] = workers[impl].read()
       print(f"{impl}: ready, {ready[impl]['params'] / 1e6:.2f}M params, {ready[impl]['threads']} threads, "
             f"build {ready[impl]['build_s']:.1f} s, first step {ready[impl]['first_step_s']:.1f} s", flush=True)
@@ -731,7 +738,7 @@ def main(argv):
          "config": {**{k: args[k] for k in names if k not in ("warmup", "steps", "rounds")},
                     "tokens_per_sample": config.train_dit.seq_len, "set": F.set,
                     "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                    "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}}
+                    "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), **bench_env.sides(ours_env)}}
   quiet = {i: [t for t, o in zip(times[i], others[i]) if o < F.quiet] for i in impls}
   use_quiet = all(len(q) >= 3 for q in quiet.values())
   out["step_times_from"] = "quiet steps" if use_quiet else "all steps"

@@ -32,6 +32,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_env  # noqa: E402  (tools/, next to this script)
+
 
 def _peak_rss_mb() -> float:
   """Lifetime peak RSS of this process (for ours it includes XLA's compile)."""
@@ -173,12 +176,7 @@ def main():
             "--layout", args.layout, "--trim", str(args.trim), "--fold_taps", args.fold_taps]
   if args.memory_analysis:
     common.append("--memory_analysis")
-  ours_env = {}
-  for kv in args.ours_env:
-    key, sep, value = kv.partition("=")
-    if not sep or not key:
-      raise SystemExit(f"--ours_env={kv!r}: expected KEY=VALUE")
-    ours_env[key] = value
+  ours_env = bench_env.parse_pairs(args.ours_env)
   results, rounds = {}, collections.defaultdict(list)
   sides = [("ours", sys.executable), ("peer", args.ref_python)]
   for size in args.sizes.split(","):
@@ -195,8 +193,7 @@ def main():
   for key, runs in rounds.items():  # the median round by time stands for the side
     results[key] = sorted(runs, key=lambda x: x["seconds"])[(len(runs) - 1) // 2]
   summary = {"base": args.base, "chunk": args.chunk, "layout": args.layout, "trim": args.trim,
-             "fold_taps": args.fold_taps, "rounds": args.rounds, "ours_env": ours_env,
-             "peer_env": {k: os.environ.get(k, "") for k in sorted({"XLA_FLAGS", "GLIBC_TUNABLES", *ours_env})},
+             "fold_taps": args.fold_taps, "rounds": args.rounds, **bench_env.sides(ours_env),
              "runs": results}
   for size in args.sizes.split(","):
     if f"peer/{size}" in results:

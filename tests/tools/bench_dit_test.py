@@ -75,3 +75,15 @@ def test_hlo_matmuls_count_flops_of_dots_and_of_fusions_that_wrap_them():
   mm = bench.hlo_matmuls(f.lower(jnp.ones((32, 16)), jnp.ones((16, 8)), jnp.ones((8, 4))).compile().as_text())
   # Whether XLA:CPU emits a matmul as a dot or inside a fusion, its op carries the matmul's shape and FLOPs.
   assert {sig: f for sig, f in mm.values()} == {"32x16 @ 16x8": 2.0 * 32 * 16 * 8, "32x8 @ 8x4": 2.0 * 32 * 8 * 4}, mm
+
+
+def test_ours_env_pairs_set_ours_side_only_and_bad_pairs_name_the_value(monkeypatch):
+  import bench_env  # pylint: disable=import-outside-toplevel  (tools/, put on the path by bench_dit)
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+  monkeypatch.delenv("LD_PRELOAD", raising=False)
+  env = bench_env.parse_pairs(["LD_PRELOAD=/x/libmimalloc.so", "MIMALLOC_PURGE_DELAY=-1"])
+  sides = bench_env.sides(env)
+  assert sides["ours_env"]["LD_PRELOAD"] == "/x/libmimalloc.so" and sides["peer_env"]["LD_PRELOAD"] == ""
+  assert sides["ours_env"]["GLIBC_TUNABLES"] == sides["peer_env"]["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+  with pytest.raises(SystemExit, match="--ours_env='MIMALLOC': expected KEY=VALUE"):
+    bench_env.parse_pairs(["MIMALLOC"])
