@@ -22,6 +22,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -587,15 +588,20 @@ void backward(ffi::ThreadPool& pool, const Plan& p, const float* Q, const float*
   }
 }
 
+// The plan of the buffers the handlers receive (make_plan checks their shapes).
+ffi::Error plan_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k, const ffi::Buffer<ffi::F32>& v,
+                   const ffi::Buffer<ffi::S32>& qseg, const ffi::Buffer<ffi::S32>& kseg, int64_t block_q,
+                   int64_t block_kv, Plan* p) {
+  return make_plan(q.dimensions(), k.dimensions(), v.dimensions(), qseg.dimensions(), kseg.dimensions(),
+                   qseg.typed_data(), kseg.typed_data(), block_q, block_kv, p);
+}
+
 ffi::Error FlashForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                         ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> qseg, ffi::Buffer<ffi::S32> kseg,
                         ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, int64_t block_q,
                         int64_t block_kv) {
   Plan p;
-  if (auto err = make_plan(q.dimensions(), k.dimensions(), v.dimensions(), qseg.dimensions(), kseg.dimensions(),
-                           qseg.typed_data(), kseg.typed_data(), block_q, block_kv, &p);
-      err.failure())
-    return err;
+  if (auto err = plan_of(q, k, v, qseg, kseg, block_q, block_kv, &p); err.failure()) return err;
   forward(pool, p, q.typed_data(), k.typed_data(), v.typed_data(), qseg.typed_data(), out->typed_data(),
           lse->typed_data());
   return ffi::Error::Success();
@@ -607,24 +613,33 @@ ffi::Error FlashBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
                          ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                          ffi::ResultBuffer<ffi::F32> dv, int64_t block_q, int64_t block_kv) {
   Plan p;
-  if (auto err = make_plan(q.dimensions(), k.dimensions(), v.dimensions(), qseg.dimensions(), kseg.dimensions(),
-                           qseg.typed_data(), kseg.typed_data(), block_q, block_kv, &p);
-      err.failure())
-    return err;
+  if (auto err = plan_of(q, k, v, qseg, kseg, block_q, block_kv, &p); err.failure()) return err;
   backward(pool, p, q.typed_data(), k.typed_data(), v.typed_data(), qseg.typed_data(), out.typed_data(),
            lse.typed_data(), dout.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data());
   return ffi::Error::Success();
 }
 
-ffi::Error check_norm_rope(const Dims& d, ffi::AnyBuffer::Dimensions qscale, ffi::AnyBuffer::Dimensions kscale,
-                           ffi::AnyBuffer::Dimensions qcos, ffi::AnyBuffer::Dimensions qsin,
-                           ffi::AnyBuffer::Dimensions kcos, ffi::AnyBuffer::Dimensions ksin) {
-  const int64_t half = d.D / 2;
-  if (qscale.size() != 1 || kscale.size() != 1 || qscale[0] != d.D || kscale[0] != d.D)
+// The norm_rope handlers' extra inputs: norm scales [D] and rotation tables [B, L, D / 2] of q and of k.
+struct NormRopeArgs {
+  ffi::Buffer<ffi::F32> qscale, kscale, qcos, qsin, kcos, ksin;
+};
+
+// The plan, and the q and k prologues after checking the extra inputs' shapes against it.
+ffi::Error plan_norm_rope(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
+                          const ffi::Buffer<ffi::F32>& v, const ffi::Buffer<ffi::S32>& qseg,
+                          const ffi::Buffer<ffi::S32>& kseg, const NormRopeArgs& a, int64_t block_q,
+                          int64_t block_kv, float eps, Plan* p, NormRope* qnr, NormRope* knr) {
+  if (auto err = plan_of(q, k, v, qseg, kseg, block_q, block_kv, p); err.failure()) return err;
+  const Dims& d = p->d;
+  const auto qs = a.qscale.dimensions(), ks = a.kscale.dimensions();
+  if (qs.size() != 1 || ks.size() != 1 || qs[0] != d.D || ks[0] != d.D)
     return ffi::Error::InvalidArgument("cpu_flash norm_rope: the norm scales must be [head_dim]");
-  for (auto [c, L] : {std::pair(qcos, d.Lq), std::pair(qsin, d.Lq), std::pair(kcos, d.Lk), std::pair(ksin, d.Lk)})
-    if (c.size() != 3 || c[0] != d.B || c[1] != L || c[2] != half)
+  for (auto [c, L] : {std::pair(a.qcos.dimensions(), d.Lq), std::pair(a.qsin.dimensions(), d.Lq),
+                      std::pair(a.kcos.dimensions(), d.Lk), std::pair(a.ksin.dimensions(), d.Lk)})
+    if (c.size() != 3 || c[0] != d.B || c[1] != L || c[2] != d.D / 2)
       return ffi::Error::InvalidArgument("cpu_flash norm_rope: cos and sin must be [B, L, head_dim / 2]");
+  *qnr = NormRope{a.qscale.typed_data(), a.qcos.typed_data(), a.qsin.typed_data(), eps};
+  *knr = NormRope{a.kscale.typed_data(), a.kcos.typed_data(), a.ksin.typed_data(), eps};
   return ffi::Error::Success();
 }
 
@@ -636,17 +651,11 @@ ffi::Error FlashNormRopeForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
                                 ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, int64_t block_q,
                                 int64_t block_kv, float eps) {
   Plan p;
-  if (auto err = make_plan(q.dimensions(), k.dimensions(), v.dimensions(), qseg.dimensions(), kseg.dimensions(),
-                           qseg.typed_data(), kseg.typed_data(), block_q, block_kv, &p);
+  NormRope qnr, knr;
+  if (auto err = plan_norm_rope(q, k, v, qseg, kseg, {qscale, kscale, qcos, qsin, kcos, ksin}, block_q, block_kv,
+                                eps, &p, &qnr, &knr);
       err.failure())
     return err;
-  const Dims& d = p.d;
-  if (auto err = check_norm_rope(d, qscale.dimensions(), kscale.dimensions(), qcos.dimensions(),
-                                 qsin.dimensions(), kcos.dimensions(), ksin.dimensions());
-      err.failure())
-    return err;
-  const NormRope qnr{qscale.typed_data(), qcos.typed_data(), qsin.typed_data(), eps};
-  const NormRope knr{kscale.typed_data(), kcos.typed_data(), ksin.typed_data(), eps};
   forward(pool, p, q.typed_data(), k.typed_data(), v.typed_data(), qseg.typed_data(), out->typed_data(),
           lse->typed_data(), &qnr, &knr);
   return ffi::Error::Success();
@@ -662,97 +671,74 @@ ffi::Error FlashNormRopeBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, 
                                  ffi::ResultBuffer<ffi::F32> dv, ffi::ResultBuffer<ffi::F32> dqscale,
                                  ffi::ResultBuffer<ffi::F32> dkscale, int64_t block_q, int64_t block_kv, float eps) {
   Plan p;
-  if (auto err = make_plan(q.dimensions(), k.dimensions(), v.dimensions(), qseg.dimensions(), kseg.dimensions(),
-                           qseg.typed_data(), kseg.typed_data(), block_q, block_kv, &p);
+  NormRope qnr, knr;
+  if (auto err = plan_norm_rope(q, k, v, qseg, kseg, {qscale, kscale, qcos, qsin, kcos, ksin}, block_q, block_kv,
+                                eps, &p, &qnr, &knr);
       err.failure())
     return err;
-  const Dims& d = p.d;
-  if (auto err = check_norm_rope(d, qscale.dimensions(), kscale.dimensions(), qcos.dimensions(),
-                                 qsin.dimensions(), kcos.dimensions(), ksin.dimensions());
-      err.failure())
-    return err;
-  const NormRope qnr{qscale.typed_data(), qcos.typed_data(), qsin.typed_data(), eps};
-  const NormRope knr{kscale.typed_data(), kcos.typed_data(), ksin.typed_data(), eps};
   backward(pool, p, q.typed_data(), k.typed_data(), v.typed_data(), qseg.typed_data(), out.typed_data(),
            lse.typed_data(), dout.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data(), &qnr, &knr,
            dqscale->typed_data(), dkscale->typed_data());
   return ffi::Error::Success();
 }
 
+// FFI bindings, in the handlers' parameter order: the thread pool and the attention inputs (q, k, v, q and kv
+// segment ids); the norm_rope inputs (q and k norm scales, q cos and sin, k cos and sin); the tile attributes.
+template <typename B>
+auto bind_attention_inputs(B binding) {
+  return std::move(binding).template Ctx<ffi::ThreadPool>()
+      .template Arg<ffi::Buffer<ffi::F32>>()
+      .template Arg<ffi::Buffer<ffi::F32>>()
+      .template Arg<ffi::Buffer<ffi::F32>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Arg<ffi::Buffer<ffi::S32>>();
+}
+
+template <typename B>
+auto bind_norm_rope_inputs(B binding) {
+  return std::move(binding).template Arg<ffi::Buffer<ffi::F32>>()
+      .template Arg<ffi::Buffer<ffi::F32>>()
+      .template Arg<ffi::Buffer<ffi::F32>>()
+      .template Arg<ffi::Buffer<ffi::F32>>()
+      .template Arg<ffi::Buffer<ffi::F32>>()
+      .template Arg<ffi::Buffer<ffi::F32>>();
+}
+
+template <typename B>
+auto bind_tiles(B binding) {
+  return std::move(binding).template Attr<int64_t>("block_q").template Attr<int64_t>("block_kv");
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SoraJaxFlashForward, FlashForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("block_q")
-                                  .Attr<int64_t>("block_kv"));
+                              bind_tiles(bind_attention_inputs(ffi::Ffi::Bind())
+                                             .Ret<ffi::Buffer<ffi::F32>>()    // out
+                                             .Ret<ffi::Buffer<ffi::F32>>()));  // lse
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SoraJaxFlashBackward, FlashBackward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("block_q")
-                                  .Attr<int64_t>("block_kv"));
+                              bind_tiles(bind_attention_inputs(ffi::Ffi::Bind())
+                                             .Arg<ffi::Buffer<ffi::F32>>()    // out
+                                             .Arg<ffi::Buffer<ffi::F32>>()    // lse
+                                             .Arg<ffi::Buffer<ffi::F32>>()    // d out
+                                             .Ret<ffi::Buffer<ffi::F32>>()    // dq
+                                             .Ret<ffi::Buffer<ffi::F32>>()    // dk
+                                             .Ret<ffi::Buffer<ffi::F32>>()));  // dv
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SoraJaxFlashNormRopeForward, FlashNormRopeForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // q segment ids
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv segment ids
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q norm scale
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k norm scale
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q cos
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q sin
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k cos
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k sin
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse
-                                  .Attr<int64_t>("block_q")
-                                  .Attr<int64_t>("block_kv")
+                              bind_tiles(bind_norm_rope_inputs(bind_attention_inputs(ffi::Ffi::Bind()))
+                                             .Ret<ffi::Buffer<ffi::F32>>()    // out
+                                             .Ret<ffi::Buffer<ffi::F32>>())   // lse
                                   .Attr<float>("eps"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SoraJaxFlashNormRopeBackward, FlashNormRopeBackward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // q segment ids
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv segment ids
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q norm scale
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k norm scale
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q cos
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q sin
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k cos
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k sin
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // out
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // d out
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dq
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dk
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dv
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // d q norm scale
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // d k norm scale
-                                  .Attr<int64_t>("block_q")
-                                  .Attr<int64_t>("block_kv")
+                              bind_tiles(bind_norm_rope_inputs(bind_attention_inputs(ffi::Ffi::Bind()))
+                                             .Arg<ffi::Buffer<ffi::F32>>()    // out
+                                             .Arg<ffi::Buffer<ffi::F32>>()    // lse
+                                             .Arg<ffi::Buffer<ffi::F32>>()    // d out
+                                             .Ret<ffi::Buffer<ffi::F32>>()    // dq
+                                             .Ret<ffi::Buffer<ffi::F32>>()    // dk
+                                             .Ret<ffi::Buffer<ffi::F32>>()    // dv
+                                             .Ret<ffi::Buffer<ffi::F32>>()    // d q norm scale
+                                             .Ret<ffi::Buffer<ffi::F32>>())   // d k norm scale
                                   .Attr<float>("eps"));
