@@ -5,12 +5,14 @@ mesh axes). Activations are constrained by logical name at block boundaries.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.custom_derivatives import SymbolicZero
 
 from sora_jax import segments
 from sora_jax.models import attention as attention_lib
@@ -51,23 +53,55 @@ class Dense(nnx.Module):
     n = len(self.in_features)
     k = self.kernel[...].astype(self.dtype)
     x = x.astype(self.dtype)
-    # The weight gradient contracts the token axes, the major ones of both the input and the output's
-    # cotangent, so XLA:CPU's library matmul takes one of them transposed. Left to itself, layout assignment
-    # has the elementwise fusion that produces that operand (a GELU, a norm's backward, the residual sum)
-    # write it transposed: a strided loop that XLA:CPU does not vectorise, several times slower than the
-    # same fusion plus a transpose of its own (38.5 ms against 4.7 + 4.1 for a tanh fusion of [2560, 1536]).
-    # Pinning the input and the output (so the cotangent) row-major forces the separate transpose: the DiT
-    # training step runs about 7% faster (experiments/scaling/README.md). Only when compiling for CPU: other
-    # platforms choose their own layouts, and eager calls have no fusions.
-    pin = isinstance(x, jax.core.Tracer) and x.ndim > n and mesh_lib.target_platform() == "cpu"
-    if pin:
-      x = mesh_lib.pin_row_major(x)
-    y = jax.lax.dot_general(x, k, ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())))
-    if pin:
-      y = mesh_lib.pin_row_major(y)
+    # Only when compiling for CPU (other platforms choose their own layouts; eager calls have no fusions):
+    # the input and output are pinned row-major and the weight gradient is contracted from a transposed copy
+    # of the input (`_dense_for_cpu`). Both are about XLA:CPU's layouts, experiments/scaling/README.md.
+    if isinstance(x, jax.core.Tracer) and x.ndim > n and mesh_lib.target_platform() == "cpu":
+      y = mesh_lib.pin_row_major(_dense_for_cpu(mesh_lib.pin_row_major(x), k, n))
+    else:
+      y = _contract(x, k, n)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
+
+
+def _contract(x, k, n):
+  """x . k over the last n axes of x and the first n of k."""
+  return jax.lax.dot_general(x, k, ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _dense_for_cpu(x, k, n):
+  """`_contract(x, k, n)` with a weight gradient that XLA:CPU runs as one library matmul.
+
+  The weight gradient contracts the token axes, the major ones of both the input and the output's
+  cotangent, so one operand must be transposed for a row-major matmul. Left to autodiff, XLA:CPU's layout
+  assignment picks which: sometimes the elementwise fusion producing the operand writes it transposed (a
+  strided loop several times slower than the fusion plus a transpose of its own), sometimes it transposes
+  the cotangent and keeps the input contracted on its major axis, a form its YNNPACK matmuls do not take,
+  so the MLP's weight gradients ran on a slower fallback matmul. Here the tangent of the weight is written
+  as a contraction of a row-major copy of the input with the feature axes first (`[fan_in, tokens]`) of the input, which reverse mode saves (in place
+  of the input) and transposes into `copy @ cotangent`: one plain matmul, and the copy of an input shared
+  by several layers (q, k and v) is made once. Forward mode takes the same rule (custom_jvp, not
+  custom_vjp, so `jax.jvp` and `jax.jacfwd` go through the model).
+  """
+  return _contract(x, k, n)
+
+
+@functools.partial(_dense_for_cpu.defjvp, symbolic_zeros=True)
+def _dense_for_cpu_jvp(n, primals, tangents):
+  x, k = primals
+  dx, dk = tangents
+  y = _contract(x, k, n)
+  terms = []
+  if not isinstance(dx, SymbolicZero):
+    terms.append(_contract(dx, k, n))
+  if not isinstance(dk, SymbolicZero):
+    fan_in = math.prod(k.shape[:n])
+    x_t = mesh_lib.pin_row_major(jnp.swapaxes(x.reshape(-1, fan_in), 0, 1))
+    dy = jax.lax.dot_general(x_t, dk.reshape(fan_in, -1), (((0,), (0,)), ((), ())))
+    terms.append(dy.reshape(y.shape))
+  return y, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
 
 
 class RMSNorm(nnx.Module):

@@ -1,4 +1,4 @@
-"""Dense layer: the CPU layout pins change neither values nor derivatives, in reverse or forward mode."""
+"""Dense layer: the CPU path (layout pins, the weight-gradient rule) changes neither values nor derivatives."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,3 +45,21 @@ def test_pinned_dense_matches_einsum_in_value_gradient_and_jvp(mesh, in_features
     results.append(jax.tree.leaves((value, grads, tangent)))
   for got, want in zip(*results):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_pinned_dense_builds_the_weight_term_only_when_the_weight_is_differentiated(mesh):
+  """Frozen weights (a frozen encoder, `jax.jacfwd` over the input) cost no weight-gradient matmul or copy."""
+  dense = layers.Dense(6, 10, (None, None), rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(dense)
+  x = jax.random.normal(jax.random.key(2), (2, 7, 6))
+
+  def loss(params, x):
+    return jnp.sum(jnp.sin(nnx.merge(graphdef, params)(x)))
+
+  def matmuls(fn, *args):
+    return str(jax.make_jaxpr(fn)(*args)).count("dot_general")
+
+  assert matmuls(jax.grad(loss, argnums=1), params, x) == 2        # forward, input gradient
+  assert matmuls(jax.grad(loss, argnums=0), params, x) == 2        # forward, weight gradient
+  assert matmuls(jax.grad(loss, argnums=(0, 1)), params, x) == 3
+  assert matmuls(lambda x: jax.jvp(lambda x: loss(params, x), (x,), (x,))[1], x) == 2
