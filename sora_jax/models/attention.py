@@ -60,20 +60,34 @@ _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 class QKNormRope(NamedTuple):
   """What attention does to q and k before the logits: RMS norm over the head dim with a learned scale, then
-  rotary embedding (`rope.apply`). cpu_flash fuses both into its kernel; the other backends apply them in JAX.
+  rotary embedding (`rope.apply`) unless the tables are None (cross-attention to text). cpu_flash fuses both
+  into its kernel; the other backends apply them in JAX.
 
   The rotation tables are constants of the token positions: no gradient flows into them.
   """
   q_scale: jax.Array  # [D]
   k_scale: jax.Array  # [D]
   eps: float
-  q_rope: tuple[jax.Array, jax.Array]  # (cos, sin), [B, Lq, D / 2] each
-  k_rope: tuple[jax.Array, jax.Array]  # (cos, sin), [B, Lk, D / 2] each
+  q_rope: tuple[jax.Array, jax.Array] | None = None  # (cos, sin), [B, Lq, D / 2] each; None: no rotation
+  k_rope: tuple[jax.Array, jax.Array] | None = None  # (cos, sin), [B, Lk, D / 2] each; None: no rotation
 
   def apply(self, q, k):
     """The prologue in JAX: (q, k) normalised and rotated, in their own dtypes."""
-    return (rope_lib.apply(norms.rms_norm(q, self.q_scale, self.eps), *self.q_rope),
-            rope_lib.apply(norms.rms_norm(k, self.k_scale, self.eps), *self.k_rope))
+    q, k = norms.rms_norm(q, self.q_scale, self.eps), norms.rms_norm(k, self.k_scale, self.eps)
+    if self.q_rope is not None:
+      q = rope_lib.apply(q, *self.q_rope)
+    if self.k_rope is not None:
+      k = rope_lib.apply(k, *self.k_rope)
+    return q, k
+
+  def tables(self, q, k):
+    """(q_cos, q_sin, k_cos, k_sin) for the kernel: identity rotations (cos 1, sin 0) where a table is None."""
+    def table(rope, x):
+      if rope is not None:
+        return rope
+      shape = (x.shape[0], x.shape[1], x.shape[-1] // 2)
+      return jnp.ones(shape, jnp.float32), jnp.zeros(shape, jnp.float32)
+    return (*table(self.q_rope, q), *table(self.k_rope, k))
 
 
 def segment_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array) -> jax.Array:
@@ -483,7 +497,7 @@ def attention(q, k, v, q_segment_ids, kv_segment_ids, *, backend: str = "xla",
   if qk_norm_rope is not None and backend == "cpu_flash":
     p = qk_norm_rope
     return _per_shard(functools.partial(_cpu_flash_attention, eps=p.eps), q, k, v, q_segment_ids,
-                      kv_segment_ids, p.q_scale, p.k_scale, *p.q_rope, *p.k_rope)
+                      kv_segment_ids, p.q_scale, p.k_scale, *p.tables(q, k))
   if qk_norm_rope is not None:
     q, k = qk_norm_rope.apply(q, k)
   if backend == "xla":

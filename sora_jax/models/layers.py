@@ -167,16 +167,13 @@ class Attention(nnx.Module):
     kv_segment_ids = q_segment_ids if kv_segment_ids is None else kv_segment_ids
     q, k, v = self.q(x), self.k(context), self.v(context)  # [B, L, H, Dh]
     prologue = None
-    if self.q_norm is not None and rope is not None:
+    if self.q_norm is not None:
       # Norm and rotation go to the attention call, which fuses them into the kernel where it can.
       prologue = attention_lib.QKNormRope(self.q_norm.scale[...], self.k_norm.scale[...], self.q_norm.eps,
-                                          rope, rope if kv_rope is None else kv_rope)
-    else:
-      if self.q_norm is not None:
-        q, k = self.q_norm(q), self.k_norm(k)
-      if rope is not None:
-        q = rope_lib.apply(q, *rope)
-        k = rope_lib.apply(k, *(rope if kv_rope is None else kv_rope))
+                                          rope, None if rope is None else rope if kv_rope is None else kv_rope)
+    elif rope is not None:
+      q = rope_lib.apply(q, *rope)
+      k = rope_lib.apply(k, *(rope if kv_rope is None else kv_rope))
     q = mesh_lib.constrain(q, ("act_batch", "act_len", "act_heads", None))
     out = attention_lib.attention(q, k, v, q_segment_ids, kv_segment_ids, backend=self.backend,
                                   qk_norm_rope=prologue)
