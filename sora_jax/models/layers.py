@@ -57,7 +57,10 @@ class Dense(nnx.Module):
     # the input and output are pinned row-major and the weight gradient is contracted from a transposed copy
     # of the input (`_dense_for_cpu`). Both are about XLA:CPU's layouts, experiments/scaling/README.md.
     if isinstance(x, jax.core.Tracer) and x.ndim > n and mesh_lib.target_platform() == "cpu":
-      y = mesh_lib.pin_row_major(_dense_for_cpu(mesh_lib.pin_row_major(x), k, n))
+      fan_in, fan_out = math.prod(self.in_features), math.prod(self.out_features)
+      x2 = mesh_lib.pin_row_major(x.reshape(-1, fan_in))
+      y2 = mesh_lib.pin_row_major(_dense_for_cpu(x2, k.reshape(fan_in, fan_out)))
+      y = y2.reshape(x.shape[:x.ndim - n] + self.out_features)
     else:
       y = _contract(x, k, n)
     if self.bias is not None:
@@ -70,37 +73,37 @@ def _contract(x, k, n):
   return jax.lax.dot_general(x, k, ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def _dense_for_cpu(x, k, n):
-  """`_contract(x, k, n)` with a weight gradient that XLA:CPU runs as one library matmul.
+@jax.custom_jvp
+def _dense_for_cpu(x, k):
+  """x [tokens, fan_in] @ k [fan_in, fan_out], with derivatives that XLA:CPU runs as plain library matmuls.
 
-  The weight gradient contracts the token axes, the major ones of both the input and the output's
-  cotangent, so one operand must be transposed for a row-major matmul. Left to autodiff, XLA:CPU's layout
-  assignment picks which: sometimes the elementwise fusion producing the operand writes it transposed (a
-  strided loop several times slower than the fusion plus a transpose of its own), sometimes it transposes
-  the cotangent and keeps the input contracted on its major axis, a form its YNNPACK matmuls do not take,
-  so the MLP's weight gradients ran on a slower fallback matmul. Here the tangent of the weight is written
-  as a contraction of a row-major copy of the input with the feature axes first (`[fan_in, tokens]`) of the input, which reverse mode saves (in place
-  of the input) and transposes into `copy @ cotangent`: one plain matmul, and the copy of an input shared
-  by several layers (q, k and v) is made once. Forward mode takes the same rule (custom_jvp, not
-  custom_vjp, so `jax.jvp` and `jax.jacfwd` go through the model).
+  The weight gradient contracts the tokens, the major axis of both the input and the output's cotangent,
+  so one operand must be transposed for a row-major matmul. Left to autodiff, XLA:CPU's layout assignment
+  picks which: sometimes the elementwise fusion producing the operand writes it transposed (a strided loop
+  several times slower than the fusion plus a transpose of its own), sometimes it transposes the cotangent
+  and keeps the input contracted on its major axis, a form its YNNPACK matmuls do not take, so the MLP's
+  weight gradients ran on a slower fallback matmul. Here the tangent of the weight is written as a
+  contraction of a row-major transposed copy of the input ([fan_in, tokens]), which reverse mode saves (in
+  place of the input) and transposes into `copy @ cotangent`: one plain matmul, and the copy of an input
+  shared by several layers (q, k and v) is made once. Both operands are 2D: the input gradient
+  `cotangent @ k^T` then reads k as it is stored, where a weight with several output axes (the attention
+  projections' [embed, heads, head_dim]) had XLA copy a transposed slice of it every step. Forward mode
+  takes the same rule (custom_jvp, not custom_vjp, so `jax.jvp` and `jax.jacfwd` go through the model).
   """
-  return _contract(x, k, n)
+  return x @ k
 
 
 @functools.partial(_dense_for_cpu.defjvp, symbolic_zeros=True)
-def _dense_for_cpu_jvp(n, primals, tangents):
+def _dense_for_cpu_jvp(primals, tangents):
   x, k = primals
   dx, dk = tangents
-  y = _contract(x, k, n)
+  y = x @ k
   terms = []
   if not isinstance(dx, SymbolicZero):
-    terms.append(_contract(dx, k, n))
+    terms.append(dx @ k)
   if not isinstance(dk, SymbolicZero):
-    fan_in = math.prod(k.shape[:n])
-    x_t = mesh_lib.pin_row_major(jnp.swapaxes(x.reshape(-1, fan_in), 0, 1))
-    dy = jax.lax.dot_general(x_t, dk.reshape(fan_in, -1), (((0,), (0,)), ((), ())))
-    terms.append(dy.reshape(y.shape))
+    x_t = mesh_lib.pin_row_major(x.T)
+    terms.append(jax.lax.dot_general(x_t, dk, (((0,), (0,)), ((), ()))))
   return y, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
 
 
