@@ -15,10 +15,24 @@ def schedule(cfg) -> optax.Schedule:
       decay_steps=steps, end_value=cfg.lr * 0.1)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """Scales the updates by min(1, max_norm / global norm): `optax.clip_by_global_norm`'s result (to
+  rounding) and state (empty, so checkpoints carry over), written as one scalar factor. optax selects per
+  element between the update and its clipped copy, which XLA:CPU materialises as a pass of its own over every
+  gradient and reads again in both moment updates; a scalar multiply fuses into them (experiments/scaling).
+  """
+  def update_fn(updates, state, params=None):
+    del params
+    factor = jnp.minimum(1.0, max_norm / optax.global_norm(updates))  # norm 0: max_norm / 0 = inf -> 1
+    return jax.tree.map(lambda g: (g * factor).astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def make_optimizer(cfg) -> optax.GradientTransformation:
   """AdamW over the params pytree; cfg is a train stage config (lr, warmup_steps, steps, ...)."""
   return optax.chain(
-      optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
+      clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
       optax.adamw(schedule(cfg), b1=0.9, b2=0.99, weight_decay=cfg.weight_decay),
   )
 
