@@ -42,7 +42,8 @@ at the model's shapes (ours: the backend `--attention` resolves to, plain and wi
 attention call or in JAX before it; peer: torch SDPA); `--peer_adamw` picks
 torch's AdamW implementation (default: what torch picks for CPU tensors, the for-loop one).
 The last line is one JSON object: `step_time_ratio` (ours / peer), `fraction_of_matmul_peak` (ours),
-`peer_fraction_of_matmul_peak`, both step times, parameter counts, threads and the peak.
+`peer_fraction_of_matmul_peak`, both step times, parameter counts, threads, the peak and the host's CPU
+(`host`: the ratio depends on it, experiments/scaling/README.md).
 """
 import ast
 import json
@@ -665,6 +666,9 @@ def main(argv):
   config = _config(args)
   flop = step_flops(config)
   load_start = os.getloadavg()[0]
+  machine = bench_env.host()
+  print(f"host: {machine['cpu_model']}, AVX-512 {'yes' if machine['avx512'] else 'no'}, "
+        f"{machine['cores']} cores", flush=True)
   print(f"step: {flop / 1e9:.1f} GFLOP analytic (batch {args['batch']} x {config.train_dit.seq_len} video "
         f"+ {args['text_tokens']} text tokens, {args['layers']} layers of width {args['width']})", flush=True)
 
@@ -731,7 +735,7 @@ def main(argv):
 
   peak = max(max(p) for p in peaks.values())
   out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-         "load_average_1m": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+         "load_average_1m": [round(load_start, 2), round(os.getloadavg()[0], 2)], "host": machine,
          "threads": ready[impls[0]]["threads"], "step_gflop": flop / 1e9, "matmul_peak_gflops": peak,
          "matmul_peak_by_impl": {i: max(p) for i, p in peaks.items()}, "rounds": rounds,
          **({"breakdown_ms": breakdown} if breakdown else {}),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import platform
 from collections.abc import Iterable
 
 # Variables a side-by-side run records for each side, besides those that --ours_env sets.
@@ -24,3 +25,27 @@ def sides(ours_env: dict[str, str]) -> dict[str, dict[str, str]]:
   keys = sorted({*RECORDED, *ours_env})
   base = {k: os.environ.get(k, "") for k in keys}
   return {"ours_env": {**base, **ours_env}, "peer_env": base}
+
+
+def host() -> dict:
+  """The CPU a run measured: model name, whether it has AVX-512, and the cores this process may use.
+
+  Side-by-side ratios depend on it: the peer's matmuls (torch's MKL) run at about 340 GFLOP/s on 2 cores of
+  the Intel hosts this project has been measured on and about 160 on the AMD EPYC ones, where sora_jax's
+  XLA:CPU matmuls run at about 300 and 200 (experiments/scaling/README.md).
+  """
+  model, flags = "", ""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not model:
+          model = value.strip()
+        elif key.strip() == "flags" and not flags:
+          flags = value
+        if not line.strip():  # the first processor's block is enough
+          break
+  except OSError:
+    pass
+  return {"cpu_model": model or platform.machine(), "avx512": "avx512f" in flags.split(),
+          "cores": len(os.sched_getaffinity(0))}

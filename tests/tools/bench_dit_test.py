@@ -87,3 +87,16 @@ def test_ours_env_pairs_set_ours_side_only_and_bad_pairs_name_the_value(monkeypa
   assert sides["ours_env"]["GLIBC_TUNABLES"] == sides["peer_env"]["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
   with pytest.raises(SystemExit, match="--ours_env='MIMALLOC': expected KEY=VALUE"):
     bench_env.parse_pairs(["MIMALLOC"])
+
+
+def test_host_names_the_cpu_of_this_run(tmp_path, monkeypatch):
+  import builtins  # pylint: disable=import-outside-toplevel
+  import bench_env  # pylint: disable=import-outside-toplevel
+  cpuinfo = tmp_path / "cpuinfo"
+  cpuinfo.write_text("processor\t: 0\nmodel name\t: Example CPU 9000\nflags\t\t: fpu sse avx2 avx512f\n\n"
+                     "processor\t: 1\nmodel name\t: Other CPU\nflags\t\t: fpu\n")
+  real_open = builtins.open
+  monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(cpuinfo if p == "/proc/cpuinfo" else p, *a, **k))
+  host = bench_env.host()
+  assert host["cpu_model"] == "Example CPU 9000" and host["avx512"] is True, host
+  assert host["cores"] == len(os.sched_getaffinity(0))
