@@ -34,18 +34,7 @@ def host() -> dict:
   the Intel hosts this project has been measured on and about 160 on the AMD EPYC ones, where sora_jax's
   XLA:CPU matmuls run at about 300 and 200 (experiments/scaling/README.md).
   """
-  model, flags = "", ""
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and not model:
-          model = value.strip()
-        elif key.strip() == "flags" and not flags:
-          flags = value
-        if not line.strip():  # the first processor's block is enough
-          break
-  except OSError:
-    pass
-  return {"cpu_model": model or platform.machine(), "avx512": "avx512f" in flags.split(),
-          "cores": len(os.sched_getaffinity(0))}
+  from sora_jax.kernels import cpu  # pylint: disable=import-outside-toplevel  (jax only when asked)
+  info = cpu.cpu_info()
+  return {"cpu_model": info.get("model name") or platform.machine(),
+          "avx512": "avx512f" in info.get("flags", "").split(), "cores": len(os.sched_getaffinity(0))}

@@ -193,7 +193,8 @@ def main():
   for key, runs in rounds.items():  # the median round by time stands for the side
     results[key] = sorted(runs, key=lambda x: x["seconds"])[(len(runs) - 1) // 2]
   summary = {"base": args.base, "chunk": args.chunk, "layout": args.layout, "trim": args.trim,
-             "fold_taps": args.fold_taps, "rounds": args.rounds, "host": bench_env.host(), **bench_env.sides(ours_env),
+             "fold_taps": args.fold_taps, "rounds": args.rounds, "host": bench_env.host(),
+             **bench_env.sides(ours_env),
              "runs": results}
   for size in args.sizes.split(","):
     if f"peer/{size}" in results:

@@ -68,20 +68,28 @@ def _flags() -> list[str]:
           "-shared", "-fPIC", "-isystem", jax.ffi.include_dir()]
 
 
-def _cpu_signature() -> str:
-  """Model name and feature flags of this CPU (what -march=native compiles for)."""
-  keep = ("model name", "flags", "Features", "CPU implementer", "CPU part")
-  lines = []
+def cpu_info() -> dict[str, str]:
+  """The first processor's fields in /proc/cpuinfo ("model name", "flags", ...); {} where it cannot be read."""
+  info = {}
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
       for line in f:
-        if line.split(":")[0].strip() in keep and line not in lines:
-          lines.append(line)
-        if not line.strip() and lines:  # the first processor's block is enough
-          break
+        if not line.strip():  # the first processor's block is enough
+          if info:
+            break
+          continue
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
   except OSError:
     pass
-  return platform.machine() + "".join(lines)
+  return info
+
+
+def _cpu_signature() -> str:
+  """Model name and feature flags of this CPU (what -march=native compiles for)."""
+  info = cpu_info()
+  keep = ("model name", "flags", "Features", "CPU implementer", "CPU part")
+  return platform.machine() + "".join(f"{k}: {info[k]}\n" for k in keep if k in info)
 
 
 def library_path() -> Path:
