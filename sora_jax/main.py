@@ -126,10 +126,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  from sora_jax.parallel import distributed
-  distributed.initialize(_DISTRIBUTED.value)  # before anything asks JAX for devices
   config = _CONFIG.value
   mode = _MODE.value or config.mode
+  if mode == "encode" and config.get("encode", {}).get("cpu_settings", True):
+    from sora_jax import runtime  # before JAX starts its CPU backend, which reads XLA_FLAGS once
+    logging.info("encode: VAE-pass CPU settings %s", runtime.apply_vae_pass_settings())
+  from sora_jax.parallel import distributed
+  distributed.initialize(_DISTRIBUTED.value)  # before anything asks JAX for devices
   from sora_jax import configs_lib
   with config.unlocked():
     config.mode = mode

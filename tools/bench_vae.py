@@ -11,7 +11,8 @@ default), or `--layout=default`, sora_jax's own resampling blocks (about 25% mor
 mark is reset after the warm-up, so XLA's compile does not count; `lifetime_peak_rss_mb` includes it). Before
 the timed passes both sides return the heap pages freed so far to the kernel (`--trim=1`, the default: glibc
 keeps large freed blocks mapped, so the compiler's and the warm-up's leftovers would otherwise count as the
-pass's memory); ours also reports its RSS after start-up, with weights, and after compiling. Ours encodes and decodes chunked (first frame
+pass's memory); ours also reports its RSS after start-up, with weights, and after compiling. Ours runs
+with the CPU settings sora_jax's VAE-only processes apply (`sora_jax/runtime.py`; `--cpu_settings=0`: without). Ours encodes and decodes chunked (first frame
 alone, then one latent frame per chunk), as diffusers does. The ref venv needs torch (CPU) and diffusers;
 with `--ref_python=''` only ours runs.
 Ours also reports XLA's compiled memory analysis (`xla_argument_mb`, `xla_temp_mb`); `--memory_analysis`
@@ -91,6 +92,10 @@ def _time(fn, repeats: int, trim: bool) -> dict:
 
 
 def run_ours(args, t, h, w) -> dict:
+  settings = {}
+  if args.cpu_settings:  # what sora_jax's VAE-only processes run with, applied before JAX starts
+    from sora_jax import runtime  # pylint: disable=g-import-not-at-top
+    settings = runtime.apply_vae_pass_settings()
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -120,7 +125,7 @@ def run_ours(args, t, h, w) -> dict:
   stages["rss_after_compile_mb"] = _rss_mb()
   ma = compiled.memory_analysis()
   memory = {"xla_argument_mb": ma.argument_size_in_bytes / 2**20, "xla_temp_mb": ma.temp_size_in_bytes / 2**20,
-            **stages, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            **stages, "xla_flags": os.environ.get("XLA_FLAGS", ""), "cpu_settings": settings}
   if args.memory_analysis:
     return memory
   return {**_time(lambda: jax.block_until_ready(compiled(state, x)), args.repeats, args.trim), **memory}
@@ -158,9 +163,13 @@ def main():
   p.add_argument("--ref_python", default="/tmp/parityvenv/bin/python")
   p.add_argument("--trim", type=int, default=1, help="1: return freed heap pages to the kernel after the warm-up, "
                  "on both sides, before the peak RSS of the timed passes is taken; 0: as left by the warm-up")
+  p.add_argument("--cpu_settings", type=int, default=1,
+                 help="1: ours' worker runs with the settings of sora_jax's VAE-only processes (--mode=encode, "
+                 "tools/encode_latents.py; sora_jax/runtime.py: XLA's own convolutions, a fixed mmap "
+                 "threshold); 0: the runtime's defaults")
   p.add_argument("--ours_env", action="append", default=[], metavar="KEY=VALUE",
-                 help="environment variable set for ours' worker only (repeatable), e.g. the XLA_FLAGS and "
-                      "GLIBC_TUNABLES that sora_jax runs its CPU VAE passes with; the peer keeps this process's")
+                 help="environment variable set for ours' worker only (repeatable), e.g. XLA_FLAGS or "
+                      "GLIBC_TUNABLES; the peer keeps this process's")
   p.add_argument("--worker", default="", help="internal: ours|peer:TxHxW")
   p.add_argument("--memory_analysis", action="store_true",
                  help="only compile ours and report XLA's memory analysis (arguments, temporaries) per size")
@@ -173,7 +182,8 @@ def main():
     return
 
   common = ["--base", str(args.base), "--repeats", str(args.repeats), "--chunk", str(args.chunk),
-            "--layout", args.layout, "--trim", str(args.trim), "--fold_taps", args.fold_taps]
+            "--layout", args.layout, "--trim", str(args.trim), "--fold_taps", args.fold_taps,
+            "--cpu_settings", str(args.cpu_settings)]
   if args.memory_analysis:
     common.append("--memory_analysis")
   ours_env = bench_env.parse_pairs(args.ours_env)
@@ -193,7 +203,8 @@ def main():
   for key, runs in rounds.items():  # the median round by time stands for the side
     results[key] = sorted(runs, key=lambda x: x["seconds"])[(len(runs) - 1) // 2]
   summary = {"base": args.base, "chunk": args.chunk, "layout": args.layout, "trim": args.trim,
-             "fold_taps": args.fold_taps, "rounds": args.rounds, "host": bench_env.host(),
+             "fold_taps": args.fold_taps, "cpu_settings": args.cpu_settings, "rounds": args.rounds,
+             "host": bench_env.host(),
              **bench_env.sides(ours_env),
              "runs": results}
   for size in args.sizes.split(","):
