@@ -60,7 +60,12 @@ def get_config(arg=None):
       kl_weight=1e-6, l2_weight=1.0, lpips_weight=0.0, disc_weight=0.0, disc_start=0, disc_channels=64,
       disc_layers=3, sizes=[(9, r, r), (1, r, r)], size_weights=[0.8, 0.2],
       log_every=50, ckpt_every=500, keep=2)
-  c.encode = dict(num_samples=arg.encode_samples, batch_size=32)
+  # clips_per_video: clips cut from each file of a folder/tfds source. chunk: latent frames per chunk of the
+  # VAE's causal pass (0: the whole clip at once); tile / tile_overlap: spatial tiles in pixels (0: whole
+  # frames). cpu_settings: a process that only encodes runs XLA's own convolutions and a fixed glibc mmap
+  # threshold (sora_jax/runtime.py: faster VAE passes on CPU, peak memory flat in frames).
+  c.encode = dict(num_samples=arg.encode_samples, batch_size=32, clips_per_video=1, chunk=0, tile=0,
+                  tile_overlap=0, cpu_settings=True)
   # precomputed: text embeddings from tools/encode_text.py (frozen pretrained encoders only), '' = live.
   # The caption reaches the DiT as the sum of its word embeddings, added to the timestep embedding (adaLN),
   # with no cross-attention: on this data that is the text path from which the DiT learns to follow a

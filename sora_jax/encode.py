@@ -7,11 +7,13 @@ batch; latents are stored normalised by the VAE's per-channel statistics, ready 
 
 With `config.data.mixture`, each synthetic/folder/tfds part is encoded into its own cache,
 `<workdir>/latents/<part name>`, so the DiT can mix the caches with the parts' weights ('latents' parts are
-caches already and are left alone).
+caches already and are left alone). `tools/encode_latents.py` runs the same code with the cache written
+anywhere, for a DiT in another workdir to read as a 'latents' part.
 """
 from __future__ import annotations
 
 import collections
+import os
 import time
 
 import jax
@@ -69,31 +71,44 @@ def encode_source(config):
   return ds.map_with_index(sources.decoder(config, seed=config.seed + 11, num_records=n, name="encode"))
 
 
-def encode(config, workdir: str, mesh) -> dict:
-  """Encodes config.data.source (or each pixel part of config.data.mixture) into `<workdir>/latents`."""
+def encode(config, workdir: str, mesh, *, data_dir: str | None = None, name: str = "latent_cache",
+           overwrite: bool = True, latent_dtype: str = "float32") -> dict:
+  """Encodes config.data.source (or each pixel part of config.data.mixture) with the VAE of `workdir`.
+
+  The cache goes to `data_dir/name` (default `<workdir>/latents/latent_cache`); a mixture's parts go to
+  `data_dir/<part name>`. `overwrite=False` refuses to replace an existing cache (FileExistsError naming it).
+  `config.encode.chunk` / `tile` / `tile_overlap` choose the VAE's chunked and tiled passes (0: whole clip).
+  """
   graphdef, params, rest = train_vae.restore(config, workdir, mesh)
-  encode_fn = train_vae.make_encode_fn(graphdef, mesh)
+  e = config.encode
+  encode_fn = train_vae.make_encode_fn(graphdef, mesh, chunk=e.get("chunk") or None, tile=e.get("tile") or None,
+                                       tile_overlap=e.get("tile_overlap", 0))
+  data_dir = train_dit.latent_dir(workdir) if data_dir is None else data_dir
+  kwargs = dict(data_dir=data_dir, overwrite=overwrite, latent_dtype=latent_dtype)
   parts = [p for p in sources.mixture(config) if p["source"] != "latents"]
   if not sources.mixture(config):
-    return _encode_cache(config, workdir, mesh, encode_fn, params, rest, name="latent_cache")
-  out = {p["name"]: _encode_cache(sources.part_config(config, p), workdir, mesh, encode_fn, params, rest,
-                                  name=p["name"]) for p in parts}
+    return _encode_cache(config, mesh, encode_fn, params, rest, name=name, **kwargs)
+  out = {p["name"]: _encode_cache(sources.part_config(config, p), mesh, encode_fn, params, rest,
+                                  name=p["name"], **kwargs) for p in parts}
   return {"parts": out, "num_examples": sum(r["num_examples"] for r in out.values()),
           "skipped": sum(r["skipped"] for r in out.values()), "seconds": sum(r["seconds"] for r in out.values())}
 
 
-def _encode_cache(config, workdir: str, mesh, encode_fn, params, rest, *, name: str) -> dict:
-  """Encodes the clips of config.data.source into the cache `<workdir>/latents/<name>`; returns a summary."""
+def _encode_cache(config, mesh, encode_fn, params, rest, *, data_dir: str, name: str, overwrite: bool,
+                  latent_dtype: str) -> dict:
+  """Encodes the clips of config.data.source into the cache `data_dir/name`; returns a summary."""
+  path = latent_cache.dataset_path(data_dir, name)
+  if not overwrite and os.path.exists(os.path.join(path, "dataset_info.json")):
+    raise FileExistsError(f"encode: a latent cache exists at {path}; choose another name or overwrite it")
   source = encode_source(config)
   t0 = time.perf_counter()
   with mesh_lib.use(mesh, mesh_lib.VAE_RULES):
     path = latent_cache.write_latent_cache(
-        train_dit.latent_dir(workdir),
-        _examples(config, source, encode_fn, params, rest, mesh, config.encode.batch_size),
-        latent_channels=config.vae.latent_channels, name=name,
+        data_dir, _examples(config, source, encode_fn, params, rest, mesh, config.encode.batch_size),
+        latent_channels=config.vae.latent_channels, name=name, latent_dtype=latent_dtype,
         metadata={"vae": config.vae.to_dict(), "sizes": [list(s) for s in config.data.sizes],
                   "normalized": True, "source": config.data.source, "path": config.data.get("path", "")},
-        overwrite=True)
+        overwrite=overwrite)
   seconds = time.perf_counter() - t0
   written = latent_cache.read_metadata(path)[latent_cache.CACHE_KEY]["splits"]["train"]["num_examples"]
   skipped = len(source) - written

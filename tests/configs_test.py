@@ -63,6 +63,8 @@ def test_parse_arg_types_and_errors():
     ("vae.temporal_downsample", (True,), r"config.vae.temporal_downsample=\(True,\): needs one entry per"),
     ("vae.temporal_kernel", 2, r"config.vae.temporal_kernel=2: must be 1 or 3"),
     ("vae.layout", "wan", r"config.vae.layout='wan': 'wan' needs temporal_kernel=3 and head_norm=True"),
+    ("encode.chunk", -1, r"config.encode.chunk=-1: must be non-negative"),
+    ("encode.tile", 18, r"config.encode.tile=18: must be a multiple of the VAE's spatial stride 4"),
 ])
 def test_bad_field_is_named(field, value, message):
   config = tiny_t2v.get_config("variable=False")

@@ -70,14 +70,17 @@ def restore(config, workdir: str, mesh):
   return created.graphdef, state.params, state.rest
 
 
-def make_encode_fn(graphdef, mesh):
-  """jit: (params, rest, video [B,T,H,W,3]) -> normalised latent means [B,T',H',W',C]."""
+def make_encode_fn(graphdef, mesh, *, chunk=None, tile=None, tile_overlap=0):
+  """jit: (params, rest, video [B,T,H,W,3]) -> normalised latent means [B,T',H',W',C].
+
+  `chunk`, `tile`, `tile_overlap`: `VAE.encode`'s chunked (memory flat in frames) and tiled passes.
+  """
   del mesh  # callers trace it under `mesh_lib.use(mesh, VAE_RULES)`
 
   @jax.jit
   def encode(params, rest, video):
     model = nnx.merge(graphdef, params, rest)
-    mean, _ = model.encode(video)
+    mean, _ = model.encode(video, chunk=chunk, tile=tile, tile_overlap=tile_overlap)
     return model.normalize(mean)
   return encode
 
