@@ -101,8 +101,8 @@ def run_ours(args, t, h, w) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from sora_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
-  if args.fold_taps == "never":  # A/B of the conv formulation: every conv one 2D conv per time tap
-    vae_lib.fold_time_taps = lambda kernel_shape, pixels_per_call: False
+  if args.fold_taps != "auto":  # A/B of the conv formulation: every conv per time tap, or every one folded
+    vae_lib.fold_time_taps = lambda kernel_shape, pixels_per_call: args.fold_taps == "always" and kernel_shape[2] > 1
   jax.block_until_ready(jnp.zeros(()))
   stages = {"rss_runtime_mb": _rss_mb()}  # the interpreter, jax and XLA's CPU client
   with nnx.use_eager_sharding(False):
@@ -157,9 +157,9 @@ def main():
   p.add_argument("--chunk", type=int, default=1, help="latent frames per chunk (0: full pass)")
   p.add_argument("--layout", default="wan", choices=["wan", "default"],
                  help="ours: 'wan' is Wan2.1's exact architecture (the peer's); 'default' is sora_jax's own")
-  p.add_argument("--fold_taps", default="auto", choices=["auto", "never"],
+  p.add_argument("--fold_taps", default="auto", choices=["auto", "never", "always"],
                  help="ours: 'auto' folds the time taps of wide low-resolution convs into one conv "
-                 "(vae.fold_time_taps); 'never' runs every conv one 2D conv per tap (for A/B)")
+                 "(vae.fold_time_taps); 'never' runs every conv one 2D conv per tap, 'always' folds every one (for A/B)")
   p.add_argument("--ref_python", default="/tmp/parityvenv/bin/python")
   p.add_argument("--trim", type=int, default=1, help="1: return freed heap pages to the kernel after the warm-up, "
                  "on both sides, before the peak RSS of the timed passes is taken; 0: as left by the warm-up")
