@@ -116,9 +116,11 @@ def get_config(arg=None):
   # (a 1,000-step average) lags a model still learning direction: on nine demo workdirs the raw weights
   # followed direction on 0.57 of held-out prompts on average against 0.50 (better on eight, 0.01 worse on
   # one; experiments/tiny_t2v/README.md). The EMA is still kept in the checkpoint for comparison.
+  # vae_chunk: latent frames per chunk when the VAE decodes samples and encodes condition clips (0: whole
+  # videos at once; 1 keeps the VAE's memory flat in the number of frames).
   c.sample = dict(
       steps=25, solver="euler", guidance=4.0, num_heldout_prompts=128, prompts_file="", batch_size=16,
-      use_ema=False, guidance_image=1.0, guidance_interval=(0.0, 1.0), negative_prompt="")
+      use_ema=False, guidance_image=1.0, guidance_interval=(0.0, 1.0), negative_prompt="", vae_chunk=0)
   c.eval = dict(num_vae_clips=32, val_samples=64, val_timesteps=(0.1, 0.3, 0.5, 0.7, 0.9), fvd_clips=0)
 
   if arg.runlocal:

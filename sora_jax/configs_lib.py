@@ -163,10 +163,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"shorter than the {tokens} tokens of data.sizes[{i}]={(t, h, w)}")
   _validate_mixture(config)
   _validate_clip_spec(config)
-  # Encode passes: chunk in latent frames, tile in pixels (0: whole clip / whole frame).
-  for f in ("chunk", "tile", "tile_overlap"):
-    if f in config.get("encode", {}):
-      _positive(config, f"encode.{f}", allow_zero=True)
+  # VAE passes: chunks in latent frames, tiles in pixels (0: whole clip / whole frame).
+  for f in ("encode.chunk", "encode.tile", "encode.tile_overlap", "sample.vae_chunk"):
+    section, key = f.split(".")
+    if key in config.get(section, {}):
+      _positive(config, f, allow_zero=True)
   stride = vae_strides(config.vae)[1]
   if config.get("encode", {}).get("tile", 0) % stride:
     _fail("encode.tile", config.encode.tile, f"must be a multiple of the VAE's spatial stride {stride}")

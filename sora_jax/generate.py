@@ -377,7 +377,7 @@ def sample_latents(config, models: Models, mesh, prompts: list[dict], *, encode=
   patch, C = tuple(config.dit.patch_size), config.vae.latent_channels
   graphdef, params, rest = models.dit
   if encode is None and any(p["mode"] in _MODE_SOURCES for p in prompts):
-    encode = train_vae.make_encode_fn(models.vae[0], mesh)
+    encode = train_vae.make_encode_fn(models.vae[0], mesh, chunk=sc.get("vae_chunk") or None)
   conds = prompt_latents(config, prompts, encode, models.vae, mesh)
   settings = [_settings(p, sc, overrides) for p in prompts]
   for i, s in enumerate(settings):
@@ -450,7 +450,8 @@ def generate_with(config, models: Models, mesh, prompts: list[dict], *, out_dir:
     p.setdefault("seed", i)
   latents, conds, settings = sample_latents(config, models, mesh, prompts, **overrides)
   vae_graph, vae_params, vae_rest = models.vae
-  decoded = vae_apply(train_vae.make_decode_fn(vae_graph, mesh), vae_params, vae_rest, latents, mesh)
+  decode = train_vae.make_decode_fn(vae_graph, mesh, chunk=config.sample.get("vae_chunk") or None)
+  decoded = vae_apply(decode, vae_params, vae_rest, latents, mesh)
   videos = [video_io.to_uint8(v) for v in decoded]
   seconds = time.perf_counter() - t0
 

@@ -11,6 +11,7 @@ from configs import tiny_t2v
 from sora_jax import generate
 from sora_jax.data import packing
 from sora_jax.data import synthetic
+from sora_jax.models import vae as vae_lib
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.train import train_dit
 from sora_jax.train import train_vae
@@ -185,3 +186,24 @@ def test_read_prompts(tmp_path):
   for line, match in bad.items():
     with pytest.raises(ValueError, match=match):
       generate.read_prompts(_write(tmp_path, [line]), config)
+
+
+def test_chunked_vae_passes_give_the_same_videos(setup, monkeypatch):
+  # sample.vae_chunk=1: condition clips encoded and samples decoded one latent frame at a time, memory flat
+  # in the number of frames; the causal VAE makes that the whole-video result.
+  config, mesh, models = setup
+  chunks = []
+  for name in ("encode", "decode"):
+    def spy(self, x, *, chunk=None, _name=name, _orig=getattr(vae_lib.VAE, name), **kw):
+      chunks.append((_name, chunk))
+      return _orig(self, x, chunk=chunk, **kw)
+    monkeypatch.setattr(vae_lib.VAE, name, spy)
+  video = synthetic.SyntheticVideos(1, [(9, 16, 16)], split="heldout")[0]["video"]
+  prompts = [dict(caption="moving left", mode="extend_forward", video=video, frames=9, height=16, width=16)]
+  whole, _ = generate.generate_with(config, models, mesh, [dict(p) for p in prompts], write_files=False)
+  chunked_config = config.copy_and_resolve_references()
+  chunked_config.sample.vae_chunk = 1
+  chunked, _ = generate.generate_with(chunked_config, models, mesh, [dict(p) for p in prompts], write_files=False)
+  assert chunks == [("encode", None), ("decode", None), ("encode", 1), ("decode", 1)]
+  assert whole[0].shape == chunked[0].shape == (9, 16, 16, 3)
+  assert np.abs(whole[0].astype(int) - chunked[0].astype(int)).max() <= 1  # uint8 rounding

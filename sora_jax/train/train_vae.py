@@ -85,14 +85,14 @@ def make_encode_fn(graphdef, mesh, *, chunk=None, tile=None, tile_overlap=0):
   return encode
 
 
-def make_decode_fn(graphdef, mesh):
-  """jit: (params, rest, normalised latents) -> video in [-1, 1]."""
+def make_decode_fn(graphdef, mesh, *, chunk=None):
+  """jit: (params, rest, normalised latents) -> video in [-1, 1]; `chunk`: `VAE.decode`'s chunked pass."""
   del mesh  # callers trace it under `mesh_lib.use(mesh, VAE_RULES)`
 
   @jax.jit
   def decode(params, rest, z):
     model = nnx.merge(graphdef, params, rest)
-    return jnp.clip(model.decode(model.denormalize(z)), -1.0, 1.0)
+    return jnp.clip(model.decode(model.denormalize(z), chunk=chunk), -1.0, 1.0)
   return decode
 
 
