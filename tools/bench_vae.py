@@ -12,8 +12,9 @@ mark is reset after the warm-up, so XLA's compile does not count; `lifetime_peak
 the timed passes both sides return the heap pages freed so far to the kernel (`--trim=1`, the default: glibc
 keeps large freed blocks mapped, so the compiler's and the warm-up's leftovers would otherwise count as the
 pass's memory); ours also reports its RSS after start-up, with weights, and after compiling. Ours runs
-with the CPU settings sora_jax's VAE-only processes apply (`sora_jax/runtime.py`; `--cpu_settings=0`: without). Ours encodes and decodes chunked (first frame
-alone, then one latent frame per chunk), as diffusers does. The ref venv needs torch (CPU) and diffusers;
+with the CPU settings sora_jax's VAE-only processes apply (`sora_jax/runtime.py`; `--cpu_settings=0`:
+without). Ours encodes and decodes chunked (first frame alone, then one latent frame per chunk), as diffusers
+does. The ref venv needs torch (CPU) and diffusers;
 with `--ref_python=''` only ours runs.
 Ours also reports XLA's compiled memory analysis (`xla_argument_mb`, `xla_temp_mb`); `--memory_analysis`
 reports only that, compiling without running (a minute instead of several).
@@ -102,7 +103,7 @@ def run_ours(args, t, h, w) -> dict:
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from sora_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
   if args.fold_taps != "auto":  # A/B of the conv formulation: every conv per time tap, or every one folded
-    vae_lib.fold_time_taps = lambda kernel_shape, pixels_per_call: args.fold_taps == "always" and kernel_shape[2] > 1
+    vae_lib.fold_time_taps = lambda shape, pixels_per_call: args.fold_taps == "always" and shape[2] > 1
   jax.block_until_ready(jnp.zeros(()))
   stages = {"rss_runtime_mb": _rss_mb()}  # the interpreter, jax and XLA's CPU client
   with nnx.use_eager_sharding(False):
@@ -159,7 +160,8 @@ def main():
                  help="ours: 'wan' is Wan2.1's exact architecture (the peer's); 'default' is sora_jax's own")
   p.add_argument("--fold_taps", default="auto", choices=["auto", "never", "always"],
                  help="ours: 'auto' folds the time taps of wide low-resolution convs into one conv "
-                 "(vae.fold_time_taps); 'never' runs every conv one 2D conv per tap, 'always' folds every one (for A/B)")
+                 "(vae.fold_time_taps); 'never' runs every conv one 2D conv per tap, 'always' folds every one "
+                 "(for A/B)")
   p.add_argument("--ref_python", default="/tmp/parityvenv/bin/python")
   p.add_argument("--trim", type=int, default=1, help="1: return freed heap pages to the kernel after the warm-up, "
                  "on both sides, before the peak RSS of the timed passes is taken; 0: as left by the warm-up")
