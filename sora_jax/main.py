@@ -128,9 +128,9 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   config = _CONFIG.value
   mode = _MODE.value or config.mode
-  if mode == "encode" and config.get("encode", {}).get("cpu_settings", True):
+  if mode == "encode":
     from sora_jax import runtime  # before JAX starts its CPU backend, which reads XLA_FLAGS once
-    logging.info("encode: VAE-pass CPU settings %s", runtime.apply_vae_pass_settings())
+    runtime.apply_for_encoding(config)
   from sora_jax.parallel import distributed
   distributed.initialize(_DISTRIBUTED.value)  # before anything asks JAX for devices
   from sora_jax import configs_lib

@@ -23,6 +23,8 @@ import platform
 import re
 from collections.abc import MutableMapping
 
+from absl import logging
+
 CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 MMAP_THRESHOLD = 128 * 1024
 _M_MMAP_THRESHOLD = -3  # <malloc.h>
@@ -60,3 +62,9 @@ def apply_vae_pass_settings(env: MutableMapping[str, str] | None = None) -> dict
   else:
     done["mmap_threshold"] = str(MMAP_THRESHOLD)
   return done
+
+
+def apply_for_encoding(config) -> None:
+  """An encode-only entry point's call: the settings above unless `config.encode.cpu_settings` is False."""
+  if config.get("encode", {}).get("cpu_settings", True):
+    logging.info("VAE-pass CPU settings %s", apply_vae_pass_settings())

@@ -74,9 +74,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
-  if config.get("encode", {}).get("cpu_settings", True):
-    from sora_jax import runtime  # pylint: disable=g-import-not-at-top  (before JAX starts its backend)
-    logging.info("encode_latents: VAE-pass CPU settings %s", runtime.apply_vae_pass_settings())
+  from sora_jax import runtime  # pylint: disable=g-import-not-at-top
+  runtime.apply_for_encoding(config)  # before JAX starts its backend
   from sora_jax import configs_lib  # pylint: disable=g-import-not-at-top
   try:
     summary = run(config, _VAE_WORKDIR.value, _OUT.value, name=_NAME.value, dtype=_DTYPE.value,
