@@ -21,6 +21,13 @@ reports only that, compiling without running (a minute instead of several).
 `--rounds=N` runs N rounds of the two processes per size, alternating which goes first, and reports the
 median of the per-round time ratios (the machine is shared: single runs move by about 1 s in 15).
 Last line: one JSON object with `time_ratio` and `peak_memory_ratio` (ours / peer, at the first size).
+
+`--layers` says where a pass's time goes: ours' worker records the conv calls of one steady-state chunk
+(encode's and decode's scan bodies, at the first size's resolution) and times each alone, the peer's worker
+times the same calls in torch, and both time a matmul. Per conv class: calls per chunk, ms per call,
+GFLOP/s and the ratio; `time_ratio` is then the conv time of a chunk, ours / peer:
+
+  JAX_PLATFORMS=cpu PYTHONPATH=. .venv/bin/python tools/bench_vae.py --layers --sizes=17x128x128
 """
 import argparse
 import collections
@@ -32,6 +39,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -132,6 +140,144 @@ def run_ours(args, t, h, w) -> dict:
   return {**_time(lambda: jax.block_until_ready(compiled(state, x)), args.repeats, args.trim), **memory}
 
 
+def _best_ms(fn, repeats: int) -> float:
+  fn()  # warm-up (and, for ours, compile)
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return min(times) * 1e3
+
+
+def _conv_gflop(layer: dict) -> float:
+  """Multiply-adds x 2 of one conv call: output elements x kernel taps x input channels."""
+  kh, kw, kt, cin, cout = layer["kernel"]
+  b, t_out, h_out, w_out = layer["out"][:4]
+  return 2.0 * b * t_out * h_out * w_out * cout * kh * kw * kt * cin / 1e9
+
+
+def _layer_key(layer: dict) -> str:
+  kh, kw, kt, cin, cout = layer["kernel"]
+  _, tp, h, w, _ = layer["x"]
+  return f"{cin}->{cout} k{kt}x{kh}x{kw} s{'x'.join(map(str, layer['strides']))} in {tp}x{h}x{w}"
+
+
+def ours_layers(args, t, h, w) -> dict:
+  """The conv calls of one steady-state chunk (encode's and decode's scan bodies), each timed alone.
+
+  The calls are recorded from traces of the chunked encode + decode at `t` frames and at one frame (frame
+  0 alone): the difference is what every further chunk runs. Each distinct call is then jitted alone as
+  `vae.conv3d_time_valid` runs it in the model, and timed best of `--repeats` after a warm-up.
+  """
+  if args.cpu_settings:
+    from sora_jax import runtime  # pylint: disable=g-import-not-at-top
+    runtime.apply_vae_pass_settings()
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from sora_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
+  with nnx.use_eager_sharding(False):
+    model = nnx.eval_shape(lambda: vae_lib.VAE(
+        base_channels=args.base, channel_mults=(1, 2, 4, 4), num_res_blocks=2,
+        temporal_downsample=(False, True, True), latent_channels=16, mid_attention=True, pad_mode="zeros",
+        layout=args.layout, rngs=nnx.Rngs(0)))
+  conv = vae_lib.conv3d_time_valid
+  calls = []
+
+  def record(x, kernel, strides=(1, 1, 1), spatial_pad=None, frames_per_call=None):
+    y = conv(x, kernel, strides, spatial_pad, frames_per_call)
+    calls.append(json.dumps({"x": list(x.shape), "kernel": list(kernel.shape), "strides": list(strides),
+                             "spatial_pad": None if spatial_pad is None else [list(p) for p in spatial_pad],
+                             "out": list(y.shape)}))
+    return y
+
+  def trace(frames):
+    calls.clear()
+    x = jax.ShapeDtypeStruct((1, frames, h, w, 3), jnp.float32)
+    graphdef, state = nnx.split(model)
+
+    def encode_decode(state, x):
+      m = nnx.merge(graphdef, state)
+      return m.decode(m.encode(x, chunk=1)[0], chunk=1)
+
+    jax.eval_shape(encode_decode, state, x)
+    return collections.Counter(calls)
+
+  vae_lib.conv3d_time_valid = record
+  try:
+    body = trace(1 + model.temporal_stride) - trace(1)
+  finally:
+    vae_lib.conv3d_time_valid = conv
+  layers, rng = [], np.random.default_rng(0)
+  for call, count in sorted(body.items()):
+    layer = json.loads(call)
+    x = jnp.asarray(rng.standard_normal(layer["x"], np.float32))
+    kernel = jnp.asarray(rng.standard_normal(layer["kernel"], np.float32) * 0.05)
+    pad = None if layer["spatial_pad"] is None else tuple(tuple(p) for p in layer["spatial_pad"])
+    fn = jax.jit(lambda x, k, s=tuple(layer["strides"]), p=pad: conv(x, k, s, p))
+    layer["ms"] = _best_ms(lambda fn=fn, x=x, k=kernel: jax.block_until_ready(fn(x, k)), args.repeats)
+    layers.append({**layer, "count": count})
+  return {"layers": layers}
+
+
+def peer_layers(args, layers: list) -> dict:
+  """The same conv calls in torch, as diffusers' Wan VAE runs them: the spatial padding applied first
+  (`F.pad`), then `conv3d` (`conv2d` over the frames for a conv with one time tap, its upsampling convs)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  out = []
+  for layer in layers:
+    kh, kw, kt, cin, cout = layer["kernel"]
+    b, tp, h, w, _ = layer["x"]
+    pad = layer["spatial_pad"] or [[(kh - 1) // 2] * 2, [(kw - 1) // 2] * 2]
+    st, sh, sw = layer["strides"]
+    bias = torch.zeros(cout)
+    if kt == 1 and st == 1 and (kh, kw) != (1, 1):
+      x = F.pad(torch.randn(b * tp, cin, h, w), (*pad[1], *pad[0]))
+      weight = torch.randn(cout, cin, kh, kw) * 0.05
+      fn = lambda x=x, k=weight, s=(sh, sw): F.conv2d(x, k, bias, s)  # noqa: E731
+    else:
+      x = F.pad(torch.randn(b, cin, tp, h, w), (*pad[1], *pad[0]))
+      weight = torch.randn(cout, cin, kt, kh, kw) * 0.05
+      fn = lambda x=x, k=weight, s=(st, sh, sw): F.conv3d(x, k, bias, s)  # noqa: E731
+    with torch.no_grad():
+      out.append({**layer, "ms": _best_ms(fn, args.repeats)})
+  return {"layers": out}
+
+
+def _matmul_gflops(impl: str, repeats: int) -> float:
+  """GFLOP/s of a 2048 x 3456 x 384 fp32 matmul (a deep conv's per-frame im2col size) on this side."""
+  m, k, n = 2048, 3456, 384
+  if impl == "peer":
+    import torch  # pylint: disable=g-import-not-at-top
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    ms = _best_ms(lambda: a @ b, repeats)
+  else:
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    a, b = jnp.ones((m, k)), jnp.ones((k, n))
+    f = jax.jit(jnp.matmul)
+    ms = _best_ms(lambda: jax.block_until_ready(f(a, b)), repeats)
+  return 2.0 * m * k * n / ms / 1e6
+
+
+def compare_layers(ours: list, peer: list) -> dict:
+  """Per conv class of a chunk: count, ms per call on each side, the time ratio and ours' GFLOP/s."""
+  rows, totals = {}, {"ours": 0.0, "peer": 0.0}
+  for o, q in zip(ours, peer):
+    gflop = _conv_gflop(o)
+    rows[_layer_key(o)] = {"count": o["count"], "ours_ms": round(o["ms"], 2), "peer_ms": round(q["ms"], 2),
+                           "time_ratio": round(o["ms"] / q["ms"], 3),
+                           "ours_gflops": round(gflop / o["ms"] * 1e3, 1),
+                           "peer_gflops": round(gflop / q["ms"] * 1e3, 1)}
+    totals["ours"] += o["count"] * o["ms"]
+    totals["peer"] += q["count"] * q["ms"]
+  return {"layers": rows, "conv_ms_per_chunk": {k: round(v, 1) for k, v in totals.items()},
+          "conv_time_ratio": totals["ours"] / totals["peer"]}
+
+
 def run_peer(args, t, h, w) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   from diffusers import AutoencoderKLWan  # pylint: disable=g-import-not-at-top
@@ -146,6 +292,39 @@ def run_peer(args, t, h, w) -> dict:
       return model.decode(mean).sample
 
   return _time(encode_decode, args.repeats, args.trim)
+
+
+def layers_summary(args, common: list, ours_env: dict) -> dict:
+  """--layers: ours' worker records and times a chunk's conv calls, then the peer's times the same calls."""
+  size = args.sizes.split(",")[0]
+  common = [*common[:common.index("--repeats")], "--repeats", str(max(args.repeats, 5)),
+            *common[common.index("--repeats") + 2:]]
+
+  def worker(impl, python, *extra):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **(ours_env if impl.startswith("ours") else {}))
+    out = subprocess.run([python, __file__, "--worker", f"{impl}:{size}", *common, *extra], env=env,
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+  ours = worker("ours_layers", sys.executable)
+  summary = {"base": args.base, "layout": args.layout, "size": size, "cpu_settings": args.cpu_settings,
+             "host": bench_env.host(), **bench_env.sides(ours_env),
+             "ours_matmul_gflops": round(ours["matmul_gflops"], 1)}
+  if not args.ref_python:
+    return {**summary, "layers": {_layer_key(o): {"count": o["count"], "ours_ms": round(o["ms"], 2)}
+                                  for o in ours["layers"]},
+            "conv_ms_per_chunk": {"ours": round(sum(o["count"] * o["ms"] for o in ours["layers"]), 1)},
+            "time_ratio": None}
+  with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+    json.dump(ours["layers"], f)
+    f.flush()
+    peer = worker("peer_layers", args.ref_python, "--layer_file", f.name)
+  compared = compare_layers(ours["layers"], peer["layers"])
+  for key, row in compared["layers"].items():
+    print(f"{key:44s} x{row['count']:<3d} ours {row['ours_ms']:8.2f} ms ({row['ours_gflops']:6.1f} GFLOP/s)  "
+          f"peer {row['peer_ms']:8.2f} ms ({row['peer_gflops']:6.1f})  ratio {row['time_ratio']:.2f}", flush=True)
+  return {**summary, "peer_matmul_gflops": round(peer["matmul_gflops"], 1), **compared,
+          "time_ratio": compared["conv_time_ratio"]}
 
 
 def main():
@@ -172,7 +351,12 @@ def main():
   p.add_argument("--ours_env", action="append", default=[], metavar="KEY=VALUE",
                  help="environment variable set for ours' worker only (repeatable), e.g. XLA_FLAGS or "
                       "GLIBC_TUNABLES; the peer keeps this process's")
-  p.add_argument("--worker", default="", help="internal: ours|peer:TxHxW")
+  p.add_argument("--layers", action="store_true",
+                 help="instead of whole passes, time each conv call of one steady-state chunk alone on both "
+                 "sides, at the first size's resolution (best of max(--repeats, 5)), with each side's matmul "
+                 "GFLOP/s; the last line's `time_ratio` is then the conv time of a chunk, ours / peer")
+  p.add_argument("--layer_file", default="", help="internal: the conv calls ours recorded, for the peer")
+  p.add_argument("--worker", default="", help="internal: ours|peer|ours_layers|peer_layers:TxHxW")
   p.add_argument("--memory_analysis", action="store_true",
                  help="only compile ours and report XLA's memory analysis (arguments, temporaries) per size")
   args = p.parse_args()
@@ -180,7 +364,14 @@ def main():
   if args.worker:
     impl, size = args.worker.split(":")
     t, h, w = (int(v) for v in size.split("x"))
-    print(json.dumps((run_ours if impl == "ours" else run_peer)(args, t, h, w)))
+    if impl == "ours_layers":
+      out = {**ours_layers(args, t, h, w), "matmul_gflops": _matmul_gflops("ours", args.repeats)}
+    elif impl == "peer_layers":
+      with open(args.layer_file) as f:
+        out = {**peer_layers(args, json.load(f)), "matmul_gflops": _matmul_gflops("peer", args.repeats)}
+    else:
+      out = (run_ours if impl == "ours" else run_peer)(args, t, h, w)
+    print(json.dumps(out))
     return
 
   common = ["--base", str(args.base), "--repeats", str(args.repeats), "--chunk", str(args.chunk),
@@ -189,6 +380,9 @@ def main():
   if args.memory_analysis:
     common.append("--memory_analysis")
   ours_env = bench_env.parse_pairs(args.ours_env)
+  if args.layers:
+    print(json.dumps(layers_summary(args, common, ours_env)))
+    return
   results, rounds = {}, collections.defaultdict(list)
   sides = [("ours", sys.executable), ("peer", args.ref_python)]
   for size in args.sizes.split(","):

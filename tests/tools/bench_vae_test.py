@@ -1,0 +1,50 @@
+"""tools/bench_vae.py --layers: the conv calls of one chunk, recorded from the model itself."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import bench_vae  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def layers_run():
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_vae.py"), "--layers", "--ref_python=",
+                        "--base=8", "--sizes=5x32x32", "--repeats=1"],
+                       env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT), check=True,
+                       capture_output=True, text=True).stdout
+  return json.loads(out.strip().splitlines()[-1])
+
+
+def test_layers_are_one_steady_chunk_of_the_wan_vae(layers_run):
+  """A chunk of 4 frames: the first conv reads them with 2 frames of causal context (6 in), the last conv
+  writes them at full resolution, and every conv of the model appears with its calls per chunk."""
+  layers = layers_run["layers"]
+  assert layers["3->8 k3x3x3 s1x1x1 in 6x32x32"]["count"] == 1  # encoder's first conv
+  assert layers["8->3 k3x3x3 s1x1x1 in 6x32x32"]["count"] == 1  # decoder's last conv
+  # 2 res blocks at each of 4 encoder levels and 3 per decoder level, 2 convs each, plus the middle blocks'.
+  assert sum(row["count"] for row in layers.values()) > 2 * (4 * 2 + 4 * 3)
+  total = sum(row["count"] * row["ours_ms"] for row in layers.values())
+  assert layers_run["conv_ms_per_chunk"]["ours"] == pytest.approx(total, rel=0.01, abs=0.5)
+  assert layers_run["time_ratio"] is None  # no peer
+  assert layers_run["ours_matmul_gflops"] > 0
+
+
+def test_compare_layers_weights_each_class_by_its_calls():
+  layer = {"x": [1, 6, 8, 8, 4], "kernel": [3, 3, 3, 4, 4], "strides": [1, 1, 1], "spatial_pad": None,
+           "out": [1, 4, 8, 8, 4]}
+  wider = {**layer, "x": [1, 6, 8, 8, 8], "kernel": [3, 3, 3, 8, 4]}
+  ours = [{**layer, "count": 3, "ms": 2.0}, {**wider, "count": 1, "ms": 4.0}]
+  peer = [{**layer, "count": 3, "ms": 1.0}, {**wider, "count": 1, "ms": 4.0}]
+  got = bench_vae.compare_layers(ours, peer)
+  assert got["conv_ms_per_chunk"] == {"ours": 10.0, "peer": 7.0}
+  assert got["conv_time_ratio"] == pytest.approx(10 / 7)
+  row = got["layers"]["4->4 k3x3x3 s1x1x1 in 6x8x8"]
+  assert row["time_ratio"] == 2.0
+  # 2 x 4 frames x 8 x 8 pixels x 4 out x 27 taps x 4 in = 221,184 FLOP in 2 ms.
+  assert row["ours_gflops"] == pytest.approx(0.1, abs=0.01)
+  assert got["layers"]["8->4 k3x3x3 s1x1x1 in 6x8x8"]["time_ratio"] == 1.0
