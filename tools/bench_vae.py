@@ -397,7 +397,7 @@ def main():
         rounds[f"{impl}/{size}"].append(json.loads(out.strip().splitlines()[-1]))
         print(f"round {r + 1}/{args.rounds}", impl, size, rounds[f"{impl}/{size}"][-1], flush=True)
   for key, runs in rounds.items():  # the median round by time stands for the side
-    results[key] = sorted(runs, key=lambda x: x["seconds"])[(len(runs) - 1) // 2]
+    results[key] = sorted(runs, key=lambda x: x.get("seconds", 0.0))[(len(runs) - 1) // 2]
   summary = {"base": args.base, "chunk": args.chunk, "layout": args.layout, "trim": args.trim,
              "fold_taps": args.fold_taps, "cpu_settings": args.cpu_settings, "rounds": args.rounds,
              "host": bench_env.host(),

@@ -48,3 +48,13 @@ def test_compare_layers_weights_each_class_by_its_calls():
   # 2 x 4 frames x 8 x 8 pixels x 4 out x 27 taps x 4 in = 221,184 FLOP in 2 ms.
   assert row["ours_gflops"] == pytest.approx(0.1, abs=0.01)
   assert got["layers"]["8->4 k3x3x3 s1x1x1 in 6x8x8"]["time_ratio"] == 1.0
+
+
+def test_memory_analysis_reports_xla_buffers_without_running():
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_vae.py"), "--memory_analysis",
+                        "--ref_python=", "--base=8", "--sizes=5x32x32"],
+                       env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT), check=True,
+                       capture_output=True, text=True).stdout
+  run = json.loads(out.strip().splitlines()[-1])["runs"]["ours/5x32x32"]
+  assert run["xla_argument_mb"] > 0 and run["xla_temp_mb"] > 0
+  assert "seconds" not in run  # compiled, not run
