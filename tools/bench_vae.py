@@ -166,8 +166,9 @@ def _layer_key(layer: dict) -> str:
 def ours_layers(args, t, h, w) -> dict:
   """The conv calls of one steady-state chunk (encode's and decode's scan bodies), each timed alone.
 
-  The calls are recorded from traces of the chunked encode + decode at `t` frames and at one frame (frame
-  0 alone): the difference is what every further chunk runs. Each distinct call is then jitted alone as
+  Chunks of one latent frame (`--chunk` does not apply). The calls are recorded from traces of the chunked
+  encode + decode at `1 + temporal_stride` frames (frame 0, then one chunk) and at one frame: the
+  difference is what every further chunk runs, whatever `t` is. Each distinct call is then jitted alone as
   `vae.conv3d_time_valid` runs it in the model, and timed best of `--repeats` after a warm-up.
   """
   if args.cpu_settings:
