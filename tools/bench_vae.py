@@ -100,11 +100,33 @@ def _time(fn, repeats: int, trim: bool) -> dict:
   return {"seconds": min(times), "peak_rss_mb": _pass_peak_rss_mb(), "lifetime_peak_rss_mb": _peak_rss_mb(), **out}
 
 
+def _apply_ours_settings(args) -> dict:
+  """What sora_jax's VAE-only processes run with (`--cpu_settings=1`), applied before JAX starts."""
+  if not args.cpu_settings:
+    return {}
+  from sora_jax import runtime  # pylint: disable=g-import-not-at-top
+  return runtime.apply_vae_pass_settings()
+
+
+def _ours_vae(args):
+  """Ours at Wan2.1's shape (`--base`, `--layout`); built inside `nnx.jit` or `nnx.eval_shape`."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from sora_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
+  return vae_lib.VAE(base_channels=args.base, channel_mults=(1, 2, 4, 4), num_res_blocks=2,
+                     temporal_downsample=(False, True, True), latent_channels=16, mid_attention=True,
+                     pad_mode="zeros", layout=args.layout, rngs=nnx.Rngs(0))
+
+
+def _run_worker(python: str, impl: str, size: str, common: list, env: dict, *extra: str) -> dict:
+  """One worker process of this script (`--worker impl:size`); its last line of output, parsed."""
+  out = subprocess.run([python, __file__, "--worker", f"{impl}:{size}", *common, *extra],
+                       env=dict(os.environ, JAX_PLATFORMS="cpu", **env), check=True, capture_output=True,
+                       text=True).stdout
+  return json.loads(out.strip().splitlines()[-1])
+
+
 def run_ours(args, t, h, w) -> dict:
-  settings = {}
-  if args.cpu_settings:  # what sora_jax's VAE-only processes run with, applied before JAX starts
-    from sora_jax import runtime  # pylint: disable=g-import-not-at-top
-    settings = runtime.apply_vae_pass_settings()
+  settings = _apply_ours_settings(args)
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -115,10 +137,7 @@ def run_ours(args, t, h, w) -> dict:
   jax.block_until_ready(jnp.zeros(()))
   stages = {"rss_runtime_mb": _rss_mb()}  # the interpreter, jax and XLA's CPU client
   with nnx.use_eager_sharding(False):
-    model = nnx.jit(lambda: vae_lib.VAE(
-        base_channels=args.base, channel_mults=(1, 2, 4, 4), num_res_blocks=2,
-        temporal_downsample=(False, True, True), latent_channels=16, mid_attention=True, pad_mode="zeros",
-        layout=args.layout, rngs=nnx.Rngs(0)))()
+    model = nnx.jit(lambda: _ours_vae(args))()
   graphdef, state = nnx.split(model)
   chunk = args.chunk or None
 
@@ -171,19 +190,14 @@ def ours_layers(args, t, h, w) -> dict:
   difference is what every further chunk runs, whatever `t` is. Each distinct call is then jitted alone as
   `vae.conv3d_time_valid` runs it in the model, and timed best of `--repeats` after a warm-up.
   """
-  if args.cpu_settings:
-    from sora_jax import runtime  # pylint: disable=g-import-not-at-top
-    runtime.apply_vae_pass_settings()
+  _apply_ours_settings(args)
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from sora_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
   with nnx.use_eager_sharding(False):
-    model = nnx.eval_shape(lambda: vae_lib.VAE(
-        base_channels=args.base, channel_mults=(1, 2, 4, 4), num_res_blocks=2,
-        temporal_downsample=(False, True, True), latent_channels=16, mid_attention=True, pad_mode="zeros",
-        layout=args.layout, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: _ours_vae(args))
   conv = vae_lib.conv3d_time_valid
   calls = []
 
@@ -300,14 +314,7 @@ def layers_summary(args, common: list, ours_env: dict) -> dict:
   size = args.sizes.split(",")[0]
   common = [*common[:common.index("--repeats")], "--repeats", str(max(args.repeats, 5)),
             *common[common.index("--repeats") + 2:]]
-
-  def worker(impl, python, *extra):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", **(ours_env if impl.startswith("ours") else {}))
-    out = subprocess.run([python, __file__, "--worker", f"{impl}:{size}", *common, *extra], env=env,
-                         check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-  ours = worker("ours_layers", sys.executable)
+  ours = _run_worker(sys.executable, "ours_layers", size, common, ours_env)
   summary = {"base": args.base, "layout": args.layout, "size": size, "cpu_settings": args.cpu_settings,
              "host": bench_env.host(), **bench_env.sides(ours_env),
              "ours_matmul_gflops": round(ours["matmul_gflops"], 1)}
@@ -319,7 +326,7 @@ def layers_summary(args, common: list, ours_env: dict) -> dict:
   with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
     json.dump(ours["layers"], f)
     f.flush()
-    peer = worker("peer_layers", args.ref_python, "--layer_file", f.name)
+    peer = _run_worker(args.ref_python, "peer_layers", size, common, {}, "--layer_file", f.name)
   compared = compare_layers(ours["layers"], peer["layers"])
   for key, row in compared["layers"].items():
     print(f"{key:44s} x{row['count']:<3d} ours {row['ours_ms']:8.2f} ms ({row['ours_gflops']:6.1f} GFLOP/s)  "
@@ -392,10 +399,8 @@ def main():
       for impl, python in (sides if r % 2 == 0 else sides[::-1]):
         if not python or (impl == "peer" and args.memory_analysis):
           continue
-        env = dict(os.environ, JAX_PLATFORMS="cpu", **(ours_env if impl == "ours" else {}))
-        out = subprocess.run([python, __file__, "--worker", f"{impl}:{size}", *common], env=env, check=True,
-                             capture_output=True, text=True).stdout
-        rounds[f"{impl}/{size}"].append(json.loads(out.strip().splitlines()[-1]))
+        rounds[f"{impl}/{size}"].append(
+            _run_worker(python, impl, size, common, ours_env if impl == "ours" else {}))
         print(f"round {r + 1}/{args.rounds}", impl, size, rounds[f"{impl}/{size}"][-1], flush=True)
   for key, runs in rounds.items():  # the median round by time stands for the side
     results[key] = sorted(runs, key=lambda x: x.get("seconds", 0.0))[(len(runs) - 1) // 2]

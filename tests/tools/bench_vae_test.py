@@ -11,13 +11,18 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import bench_vae  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def layers_run():
-  out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_vae.py"), "--layers", "--ref_python=",
-                        "--base=8", "--sizes=5x32x32", "--repeats=1"],
+def _bench(*flags):
+  """bench_vae.py with ours only, at a tiny Wan2.1 shape; its last line of output, parsed."""
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_vae.py"), "--ref_python=", "--base=8",
+                        "--sizes=5x32x32", *flags],
                        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT), check=True,
                        capture_output=True, text=True).stdout
   return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def layers_run():
+  return _bench("--layers", "--repeats=1")
 
 
 def test_layers_are_one_steady_chunk_of_the_wan_vae(layers_run):
@@ -51,10 +56,6 @@ def test_compare_layers_weights_each_class_by_its_calls():
 
 
 def test_memory_analysis_reports_xla_buffers_without_running():
-  out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_vae.py"), "--memory_analysis",
-                        "--ref_python=", "--base=8", "--sizes=5x32x32"],
-                       env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT), check=True,
-                       capture_output=True, text=True).stdout
-  run = json.loads(out.strip().splitlines()[-1])["runs"]["ours/5x32x32"]
+  run = _bench("--memory_analysis")["runs"]["ours/5x32x32"]
   assert run["xla_argument_mb"] > 0 and run["xla_temp_mb"] > 0
   assert "seconds" not in run  # compiled, not run
