@@ -59,3 +59,29 @@ def test_memory_analysis_reports_xla_buffers_without_running():
   run = _bench("--memory_analysis")["runs"]["ours/5x32x32"]
   assert run["xla_argument_mb"] > 0 and run["xla_temp_mb"] > 0
   assert "seconds" not in run  # compiled, not run
+
+
+def test_memory_ratios_take_medians_over_rounds_and_subtract_the_loaded_model():
+  ours = [{"peak_rss_mb": 1250.0, "pass_memory_mb": 390.0}, {"peak_rss_mb": 1300.0, "pass_memory_mb": 400.0},
+          {"peak_rss_mb": 1260.0, "pass_memory_mb": 380.0}]
+  peer = [{"peak_rss_mb": 1600.0, "pass_memory_mb": 700.0}, {"peak_rss_mb": 1400.0, "pass_memory_mb": 500.0},
+          {"peak_rss_mb": 1650.0, "pass_memory_mb": 780.0}]
+  got = bench_vae.memory_ratios(ours, peer)
+  assert got["peak_memory_ratio"] == pytest.approx(1260 / 1600)
+  assert got["pass_memory_ratio"] == pytest.approx(390 / 700)
+
+
+def test_timed_passes_report_what_they_hold_above_the_loaded_model():
+  held = []
+
+  def fn():  # the warm-up holds nothing; the timed pass keeps 64 MB of written pages
+    if held:
+      block = bytearray(64 << 20)
+      block[::4096] = b"x" * len(block[::4096])
+      held.append(block)
+    else:
+      held.append(None)
+
+  got = bench_vae._time(fn, repeats=1, trim=True)
+  assert got["pass_memory_mb"] == pytest.approx(got["peak_rss_mb"] - got["rss_before_timed_mb"])
+  assert got["pass_memory_mb"] >= 60
