@@ -95,6 +95,16 @@ def memory_ratios(ours: list[dict], peer: list[dict]) -> dict[str, float]:
           "pass_memory_ratio": median(ours, "pass_memory_mb") / median(peer, "pass_memory_mb")}
 
 
+def _best_seconds(fn, repeats: int) -> float:
+  """The fastest of `repeats` calls of `fn` (no warm-up)."""
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return min(times)
+
+
 def _time(fn, repeats: int, trim: bool) -> dict:
   """Best-of-`repeats` seconds after one warm-up, and the peak RSS of the timed passes alone.
 
@@ -107,14 +117,10 @@ def _time(fn, repeats: int, trim: bool) -> dict:
     _trim_heap()
   out = {"rss_after_warmup_mb": before, "rss_before_timed_mb": _rss_mb()}
   _reset_peak_rss()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
+  seconds = _best_seconds(fn, repeats)
   peak = _pass_peak_rss_mb()
   # What the passes held above the loaded model (weights, runtime, executable): their own buffers.
-  return {"seconds": min(times), "peak_rss_mb": peak, "lifetime_peak_rss_mb": _peak_rss_mb(),
+  return {"seconds": seconds, "peak_rss_mb": peak, "lifetime_peak_rss_mb": _peak_rss_mb(),
           "pass_memory_mb": peak - out["rss_before_timed_mb"], **out}
 
 
@@ -179,12 +185,7 @@ def run_ours(args, t, h, w) -> dict:
 
 def _best_ms(fn, repeats: int) -> float:
   fn()  # warm-up (and, for ours, compile)
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return min(times) * 1e3
+  return _best_seconds(fn, repeats) * 1e3
 
 
 def _conv_gflop(layer: dict) -> float:
@@ -330,8 +331,7 @@ def run_peer(args, t, h, w) -> dict:
 def layers_summary(args, common: list, ours_env: dict) -> dict:
   """--layers: ours' worker records and times a chunk's conv calls, then the peer's times the same calls."""
   size = args.sizes.split(",")[0]
-  common = [*common[:common.index("--repeats")], "--repeats", str(max(args.repeats, 5)),
-            *common[common.index("--repeats") + 2:]]
+  common = [*common, "--repeats", str(max(args.repeats, 5))]  # the last --repeats wins
   ours = _run_worker(sys.executable, "ours_layers", size, common, ours_env)
   summary = {"base": args.base, "layout": args.layout, "size": size, "cpu_settings": args.cpu_settings,
              "host": bench_env.host(), **bench_env.sides(ours_env),
