@@ -53,7 +53,7 @@ def test_parse_arg_types_and_errors():
     ("text.pool", "max", r"config.text.pool='max': must be 'mean', 'words' or 'words_sum'"),
     ("cond.start_step", -1, r"config.cond.start_step=-1: must be non-negative"),
     ("cond.start_step", 2000, r"config.cond.start_step=2000: not before train_dit.steps=2000"),
-    ("dit.abs_pos_kind", "diagonal", r"config.dit.abs_pos_kind=.diagonal.: must be .axes., .oblique. or .fractional."),
+    ("dit.abs_pos_kind", "diagonal", r"config.dit.abs_pos_kind=.diagonal.: must be .axes., .oblique., .fractional. or .fractional_space."),
     ("text.tokenizer", "bpe", r"config.text.tokenizer=.bpe.: choose one of \(.bytes., .words."),
     ("data.sizes", [(8, 32, 32)], r"frames must be 1 \+ 2\*k"),
     ("train_dit.seq_len", 16, r"config.train_dit.seq_len=16: shorter than the 80 tokens"),

@@ -22,7 +22,10 @@ rotation pairs that turn noticeably across the grid).
 `abs_pos` adds a sinusoidal embedding of each token's absolute (t, h, w) to the patch embedding (same base
 as RoPE). RoPE only tells attention how far apart two tokens are; with `abs_pos` a token also knows which
 frame it is in and where in the frame, so a caption such as "moving left" can be turned into "on the right
-early, on the left late" directly (experiments/tiny_t2v/README.md).
+early, on the left late" directly (experiments/tiny_t2v/README.md). `abs_pos_kind` picks the embedding:
+per-axis token indices ('axes'), plane waves in spacetime ('oblique'), fractions of the clip's extent
+('fractional', the same for every grid size) or those fractions for h and w only ('fractional_space': which
+frame a token is in is left to RoPE, i.e. known only relative to the other frames).
 
 `temporal_attention` adds a second self-attention beside the spacetime one in every block, masked to the
 tokens at the same (h, w) of the same clip (STDiT/Latte-style factorised attention, here as an extra path

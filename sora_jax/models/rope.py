@@ -110,10 +110,12 @@ def segment_extent(coords: jax.Array, segment_ids: jax.Array, num_segments: int)
   return segments.gather(ext, segment_ids)
 
 
-def fractional_3d(coords: jax.Array, extent: jax.Array, dim: int) -> jax.Array:
+def fractional_3d(coords: jax.Array, extent: jax.Array, dim: int, time: bool = True) -> jax.Array:
   """coords, extent [B, L, 3] -> additive embedding [B, L, dim]: per axis, [cos | sin] of pi k f for
   k = 1..n, where f = coord / extent is the token's place as a fraction of its clip (0 at the first
-  frame / top / left, 1 at the last / bottom / right; 0 on an axis of length 1).
+  frame / top / left, 1 at the last / bottom / right; 0 on an axis of length 1). With `time=False` only
+  the place in the frame is given (all pairs split over h and w): which frame a token is in stays
+  relative (RoPE), so a clip shifted in time looks the same to the network.
 
   With integer coordinates, "the right edge" is a different feature in a 4-token-wide and a 6-token-wide
   clip, so a condition that means "on the right early, on the left late" has to be learnt per grid size;
@@ -122,24 +124,28 @@ def fractional_3d(coords: jax.Array, extent: jax.Array, dim: int) -> jax.Array:
   if dim % 2:
     raise ValueError(f"fractional_3d needs an even dim, got {dim}")
   frac = coords.astype(jnp.float32) / jnp.maximum(extent.astype(jnp.float32), 1.0)
+  pairs = dim // 2
+  split = _split_3d(pairs) if time else (0, pairs - pairs // 2, pairs // 2)
   angles = jnp.concatenate([frac[..., i:i + 1] * (jnp.pi * jnp.arange(1, n + 1, dtype=jnp.float32))
-                            for i, n in enumerate(_split_3d(dim // 2)) if n], axis=-1)
+                            for i, n in enumerate(split) if n], axis=-1)
   return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
 
 
-ABS_POS_KINDS = ("axes", "oblique", "fractional")
+ABS_POS_KINDS = ("axes", "oblique", "fractional", "fractional_space")
 
 
 def absolute_3d(kind: str, coords: jax.Array, dim: int, theta: float = 10000.0, *,
                 segment_ids: jax.Array | None = None, num_segments: int | None = None) -> jax.Array:
   """The additive absolute embedding named by `dit.abs_pos_kind`: 'axes' (`sincos_3d`), 'oblique'
-  (`oblique_3d`) or 'fractional' (`fractional_3d`, which needs the packed row's segment ids)."""
+  (`oblique_3d`), 'fractional' (`fractional_3d`, which needs the packed row's segment ids) or
+  'fractional_space' (the same for h and w only: no absolute time)."""
   if kind == "axes":
     return sincos_3d(coords, dim, theta)
   if kind == "oblique":
     return oblique_3d(coords, dim, theta)
-  if kind == "fractional":
+  if kind in ("fractional", "fractional_space"):
     if segment_ids is None or num_segments is None:
-      raise ValueError("abs_pos_kind='fractional' needs segment_ids and num_segments")
-    return fractional_3d(coords, segment_extent(coords, segment_ids, num_segments), dim)
+      raise ValueError(f"abs_pos_kind={kind!r} needs segment_ids and num_segments")
+    return fractional_3d(coords, segment_extent(coords, segment_ids, num_segments), dim,
+                         time=kind == "fractional")
   raise ValueError(f"dit.abs_pos_kind={kind!r}: choose one of {ABS_POS_KINDS}")

@@ -125,7 +125,8 @@ def test_rope_makes_output_depend_on_coordinates(setup):
   assert not np.allclose(np.asarray(o1), np.asarray(o2))
 
 
-@pytest.mark.parametrize("abs_pos,kind", [(False, "axes"), (True, "axes"), (True, "oblique"), (True, "fractional")])
+@pytest.mark.parametrize("abs_pos,kind", [(False, "axes"), (True, "axes"), (True, "oblique"), (True, "fractional"),
+                                          (True, "fractional_space")])
 def test_only_abs_pos_makes_output_depend_on_absolute_position(abs_pos, kind):
   # RoPE is relative: shifting every coordinate of a clip by the same amount changes nothing. With abs_pos
   # each token also knows its frame and place in the frame, so the same shift changes the output.
@@ -221,6 +222,23 @@ def test_fractional_3d_places_tokens_as_fractions_of_their_own_clip():
   np.testing.assert_allclose(emb[0, 4:10, pairs_t:pairs_t + pairs_h], 1.0, atol=1e-6)
   with pytest.raises(ValueError, match="needs segment_ids"):
     rope_lib.absolute_3d("fractional", jnp.asarray(coords), 36)
+
+
+def test_fractional_space_gives_no_absolute_time():
+  # 'fractional_space' embeds only the place in the frame: the frames of a clip shifted in time (its
+  # extent with them) embed the same, while 'fractional' tells frame 0 of 3 from frame 2 of 5. All pairs
+  # go to h and w, so the width fraction gets 9 of 18 pairs instead of 6.
+  coords = np.stack([np.repeat(np.arange(3), 4), np.tile(np.repeat(np.arange(2), 2), 3),
+                     np.tile(np.arange(2), 6)], -1)[None].astype(np.int32)
+  shifted = coords + np.array([2, 0, 0], np.int32)
+  seg = np.ones(coords.shape[:2], np.int32)
+  emb = {k: [np.asarray(rope_lib.absolute_3d(k, jnp.asarray(c), 36, segment_ids=jnp.asarray(seg), num_segments=2))
+             for c in (coords, shifted)] for k in ("fractional", "fractional_space")}
+  np.testing.assert_allclose(emb["fractional_space"][0], emb["fractional_space"][1], atol=1e-6)
+  assert np.abs(emb["fractional"][0] - emb["fractional"][1]).max() > 0.1
+  w_frac = coords[0, :, 2].astype(np.float32)  # the w extent is 1: fraction = coordinate
+  np.testing.assert_allclose(emb["fractional_space"][0][0, :, 9:18], np.cos(np.pi * w_frac[:, None] * np.arange(1, 10)),
+                             atol=1e-5)
 
 
 @pytest.mark.parametrize("gate_init", [0.0, 0.5])
