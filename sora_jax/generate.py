@@ -463,6 +463,7 @@ def generate_with(config, models: Models, mesh, prompts: list[dict], *, out_dir:
     records.append(rec)
   if write_files and out_dir and jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
+    _remove_previous_samples(out_dir, keep=len(records))
     for rec, v in zip(records, videos):
       rec["file"] = os.path.join(out_dir, f"sample_{rec['index']:03d}.mp4")
       video_io.write_mp4(rec["file"], v, upscale=4)
@@ -471,6 +472,25 @@ def generate_with(config, models: Models, mesh, prompts: list[dict], *, out_dir:
       json.dump({"seconds": seconds, "samples": records}, f, indent=1)
     logging.info("sample: wrote %d videos to %s in %.1fs", len(videos), out_dir, seconds)
   return videos, records
+
+
+def _remove_previous_samples(out_dir: str, keep: int) -> None:
+  """Deletes the videos an earlier run recorded in out_dir's samples.json that this run will not overwrite
+  (its indices from `keep` on), so that the folder holds one run's samples; no other file is touched."""
+  path = os.path.join(out_dir, "samples.json")
+  if not os.path.exists(path):
+    return
+  try:
+    with open(path) as f:
+      old = json.load(f)["samples"]
+  except (ValueError, KeyError, TypeError):
+    return  # not a samples.json this code wrote: leave everything as it is
+  for rec in old if isinstance(old, list) else []:
+    if not isinstance(rec, dict) or not isinstance(rec.get("index"), int) or rec["index"] < keep:
+      continue
+    name = f"sample_{rec['index']:03d}.mp4"
+    if os.path.basename(str(rec.get("file", ""))) == name and os.path.isfile(os.path.join(out_dir, name)):
+      os.remove(os.path.join(out_dir, name))
 
 
 def restore_models(config, workdir: str, mesh) -> Models:

@@ -24,6 +24,9 @@ _MODE = flags.DEFINE_string("mode", None, "train_vae | encode | train_dit | samp
                             "(default: config.mode).")
 _PROMPTS = flags.DEFINE_string("prompts", None, "JSONL prompts file for --mode=sample "
                                "(default: config.sample.prompts_file, else the held-out prompts).")
+_OUT = flags.DEFINE_string("out", None, "Where --mode=sample writes its videos, grid.gif and samples.json "
+                           "(default: WORKDIR/samples/NAME for a prompts file NAME.jsonl, WORKDIR/samples for "
+                           "the held-out prompts, where --mode=eval writes them too).")
 _DISTRIBUTED = flags.DEFINE_string(
     "distributed", "off", "Multi-host setup: off | auto (TPU pod / SLURM / JAX_COORDINATOR_ADDRESS) | "
     "coordinator=HOST:PORT,num_processes=N,process_id=I")
@@ -47,6 +50,10 @@ def _setup_jax(config):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
   return jax
+
+
+class InputError(Exception):
+  """Bad user input other than the config (a prompts file), found before any work: one line, exit code 2."""
 
 
 def run(config, workdir: str, mode: str) -> dict:
@@ -90,12 +97,19 @@ def run(config, workdir: str, mode: str) -> dict:
   if mode == "sample":
     path = _PROMPTS.value if _PROMPTS.present else config.sample.prompts_file
     if path:
-      prompts = generate_lib.read_prompts(path, config)
+      if not os.path.isfile(path):
+        raise InputError(f"--prompts={path}: no such file")
+      try:
+        prompts = generate_lib.read_prompts(path, config)
+      except ValueError as e:
+        raise InputError(str(e)) from None
     else:
       prompts = synthetic.heldout_prompts(config.sample.num_heldout_prompts, tuple(config.data.heldout_size),
                                           seed=config.seed)
-    videos, _ = stage("sample", lambda: generate_lib.generate(config, workdir, mesh, prompts,
-                                                              out_dir=os.path.join(workdir, "samples")))
+    out_dir = _OUT.value or os.path.join(workdir, "samples", *(
+        [os.path.splitext(os.path.basename(path))[0]] if path else []))
+    videos, _ = stage("sample", lambda: generate_lib.generate(config, workdir, mesh, prompts, out_dir=out_dir))
+    report["samples_dir"] = os.path.abspath(out_dir)
     labeled = [i for i, p in enumerate(prompts) if "labels" in p]
     if labeled:
       report["prompt_adherence"] = scorer.prompt_adherence(
@@ -142,13 +156,18 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   t0 = time.perf_counter()
-  report = run(config, _WORKDIR.value, mode)
+  try:
+    report = run(config, _WORKDIR.value, mode)
+  except InputError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   workdir = os.path.abspath(_WORKDIR.value)
   print(f"\nsora_jax {mode} finished in {time.perf_counter() - t0:.0f}s. Workdir: {workdir}")
-  for name, rel in [("report", "report.json"), ("samples", "samples"), ("TensorBoard logs", "."),
-                    ("VAE checkpoints", "vae/checkpoints"), ("DiT checkpoints", "dit/checkpoints")]:
+  for name, rel in [("report", "report.json"), ("samples", report.get("samples_dir", "samples")),
+                    ("TensorBoard logs", "."), ("VAE checkpoints", "vae/checkpoints"),
+                    ("DiT checkpoints", "dit/checkpoints")]:
     if os.path.exists(os.path.join(workdir, rel)):
-      print(f"  {name:17s} {os.path.join(workdir, rel)}")
+      print(f"  {name:17s} {os.path.normpath(os.path.join(workdir, rel))}")
   summary = {k: v for k, v in report.items() if k in ("vae_psnr", "prompt_adherence", "stage_seconds")}
   print(json.dumps(summary))
 

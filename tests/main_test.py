@@ -1,6 +1,7 @@
 """The launcher runs the whole chain on the one-minute config and reports what the demo reports."""
 import json
 import os
+import shutil
 
 from tests.conftest import run_launcher as _run
 
@@ -26,6 +27,50 @@ def test_mode_all_end_to_end(tiny_run):
   proc = _run(["--config=configs/tiny_t2v.py:runlocal", "--mode=train_dit", "--config.compilation_cache="],
               workdir)
   assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_sample_mode_writes_a_prompts_file_to_a_folder_of_its_own(tiny_run, tmp_path):
+  # `--mode=sample --prompts=mine.jsonl` writes to samples/mine, leaving the held-out samples of --mode=eval
+  # as they were; condition paths are read relative to the file. A rerun with fewer prompts (--out naming
+  # the same folder) leaves none of the earlier run's videos behind.
+  workdir = tiny_run
+  held_out = os.path.join(workdir, "samples", "samples.json")
+  with open(held_out) as f:
+    before = f.read()
+  shutil.copy(json.loads(before)["samples"][0]["file"], tmp_path / "given.mp4")
+  rows = [{"prompt": "a red circle moving left", "seed": 3},
+          {"prompt": "a blue square moving up", "mode": "i2v", "video": "given.mp4"}]
+  prompts = tmp_path / "mine.jsonl"
+  prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  base = ["--config=configs/tiny_t2v.py:runlocal", "--mode=sample", f"--prompts={prompts}",
+          "--config.compilation_cache="]
+  proc = _run(base, workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = os.path.join(workdir, "samples", "mine")
+  with open(os.path.join(out, "samples.json")) as f:
+    records = json.load(f)["samples"]
+  assert [(r["mode"], r["given_latent_frames"]) for r in records] == [("t2v", []), ("i2v", [0])]
+  assert sorted(f for f in os.listdir(out) if f.endswith(".mp4")) == ["sample_000.mp4", "sample_001.mp4"]
+  assert f"samples           {out}" in proc.stdout
+  with open(held_out) as f:
+    assert f.read() == before
+  prompts.write_text(json.dumps(rows[0]) + "\n")
+  proc = _run(base + [f"--out={out}"], workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert sorted(f for f in os.listdir(out) if f.endswith(".mp4")) == ["sample_000.mp4"]
+
+
+def test_bad_prompts_file_fails_in_one_line_naming_the_line_and_field(tmp_path):
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text('{"prompt": "a red circle"}\n{"prompt": "b", "mode": "i2v", "video": "clips/a.mp4"}\n')
+  base = ["--config=configs/tiny_t2v.py:runlocal", "--mode=sample", "--config.compilation_cache="]
+  proc = _run(base + [f"--prompts={prompts}"], str(tmp_path / "w"))
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"error: {prompts}:2: field 'video': no such file '{tmp_path / 'clips' / 'a.mp4'}'")
+  proc = _run(base + [f"--prompts={tmp_path / 'missing.jsonl'}"], str(tmp_path / "w"))
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1] == f"error: --prompts={tmp_path / 'missing.jsonl'}: no such file"
 
 
 def test_bad_config_fails_in_one_line_naming_the_field(tmp_path):
