@@ -19,6 +19,19 @@ class ConfigError(ValueError):
   """A config field has a bad value; the message names the field."""
 
 
+class ConfigPathError(ConfigError, FileNotFoundError):
+  """A config field names a path that does not exist or holds something else."""
+
+
+class InputError(Exception):
+  """Bad or missing input other than the config (a prompts file, a stage not run yet). The launcher prints
+  it as one line and exits with code 2."""
+
+
+class MissingStageError(InputError, FileNotFoundError):
+  """What an earlier mode writes (a checkpoint, a latent cache) is not in the workdir."""
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """Parses `"a=1,b=x,flag"` into a ConfigDict, typed by `defaults`.
 

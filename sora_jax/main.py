@@ -52,10 +52,6 @@ def _setup_jax(config):
   return jax
 
 
-class InputError(Exception):
-  """Bad user input other than the config (a prompts file), found before any work: one line, exit code 2."""
-
-
 def run(config, workdir: str, mode: str) -> dict:
   """Runs one mode (or the chain) and returns its results; importable for notebooks and tests."""
   from sora_jax import configs_lib
@@ -98,11 +94,11 @@ def run(config, workdir: str, mode: str) -> dict:
     path = _PROMPTS.value if _PROMPTS.present else config.sample.prompts_file
     if path:
       if not os.path.isfile(path):
-        raise InputError(f"--prompts={path}: no such file")
+        raise configs_lib.InputError(f"--prompts={path}: no such file")
       try:
         prompts = generate_lib.read_prompts(path, config)
       except ValueError as e:
-        raise InputError(str(e)) from None
+        raise configs_lib.InputError(str(e)) from None
     else:
       prompts = synthetic.heldout_prompts(config.sample.num_heldout_prompts, tuple(config.data.heldout_size),
                                           seed=config.seed)
@@ -158,7 +154,7 @@ def main(argv):
   t0 = time.perf_counter()
   try:
     report = run(config, _WORKDIR.value, mode)
-  except InputError as e:
+  except (configs_lib.ConfigError, configs_lib.InputError) as e:  # found while running, e.g. a missing path
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   workdir = os.path.abspath(_WORKDIR.value)

@@ -73,6 +73,24 @@ def test_bad_prompts_file_fails_in_one_line_naming_the_line_and_field(tmp_path):
   assert proc.stderr.strip().splitlines()[-1] == f"error: --prompts={tmp_path / 'missing.jsonl'}: no such file"
 
 
+def test_a_mode_whose_earlier_stage_is_missing_says_which_to_run(tmp_path):
+  proc = _run(["--config=configs/tiny_t2v.py:runlocal", "--mode=sample", "--config.compilation_cache="],
+              str(tmp_path))
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"error: no VAE checkpoint under {tmp_path / 'vae' / 'checkpoints'}: run --mode=train_vae first")
+
+
+def test_a_data_path_that_is_missing_fails_in_one_line(tmp_path):
+  # Found when the data source opens (not by validate()): still one line naming the field, exit code 2.
+  missing = tmp_path / "no_videos_here"
+  proc = _run([f"--config=configs/folder_t2v.py:runlocal,path={missing}", "--mode=train_vae",
+               "--config.compilation_cache="], str(tmp_path / "w"))
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"error: config.data.path='{missing}': no such folder or captions file")
+
+
 def test_bad_config_fails_in_one_line_naming_the_field(tmp_path):
   proc = _run(["--config=configs/tiny_t2v.py:runlocal", "--config.train_dit.steps=-1"], str(tmp_path))
   assert proc.returncode == 2

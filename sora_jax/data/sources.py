@@ -118,7 +118,7 @@ def size_policy(config) -> SizePolicy:
     _, ph, pw = config.dit.patch_size
     return area_policy(res=config.data.get("res", 32), max_frames=max(s[0] for s in config.data.sizes),
                        frame_stride=st, multiple=ss * max(ph, pw))
-  raise ValueError(f"config.data.size_policy={kind!r}: choose 'buckets' or 'area'")
+  raise configs_lib.ConfigError(f"config.data.size_policy={kind!r}: choose 'buckets' or 'area'")
 
 
 # ---------------------------------------------------------------------------------------------- records
@@ -204,9 +204,9 @@ class VideoFolder(Sequence):
     elif os.path.isfile(path):
       self.records = read_captions(path)
     else:
-      raise FileNotFoundError(f"config.data.path={path!r}: no such folder or captions file")
+      raise configs_lib.ConfigPathError(f"config.data.path={path!r}: no such folder or captions file")
     if not self.records:
-      raise ValueError(f"config.data.path={path!r}: no videos or images found")
+      raise configs_lib.ConfigError(f"config.data.path={path!r}: no videos or images found")
     self.path = path
 
   def __len__(self):
@@ -225,7 +225,7 @@ class TfdsVideos(Sequence):
   def __init__(self, path: str, split: str = "train"):
     self.path, self.split = os.path.abspath(os.path.expanduser(path)), split
     if not os.path.isfile(os.path.join(self.path, "dataset_info.json")):
-      raise FileNotFoundError(f"config.data.path={path!r}: no tfds dataset (dataset_info.json) there")
+      raise configs_lib.ConfigPathError(f"config.data.path={path!r}: no tfds dataset (dataset_info.json) there")
     self._source = None
     self._len = len(self.source)
 
@@ -257,9 +257,9 @@ def records(config, *, split: str = "train") -> grain.MapDataset:
   """The records of a folder or tfds source (`config.data.source`), one per file."""
   kind, path = config.data.source, config.data.get("path", "")
   if kind not in ("folder", "tfds"):
-    raise ValueError(f"config.data.source={kind!r} has no file records; choose 'folder' or 'tfds'")
+    raise configs_lib.ConfigError(f"config.data.source={kind!r} has no file records; choose 'folder' or 'tfds'")
   if not path:
-    raise ValueError(f"config.data.path is empty: set it to the {kind} dataset for data.source={kind!r}")
+    raise configs_lib.ConfigError(f"config.data.path is empty: set it to the {kind} dataset for data.source={kind!r}")
   return grain.MapDataset.source(VideoFolder(path) if kind == "folder" else TfdsVideos(path, split))
 
 
@@ -321,13 +321,13 @@ class ClipSpec:
     spec = cls(data.get("clip_sampling", "random"), int(data.get("frame_stride", 1)), float(data.get("fps", 0.0)),
                data.get("crop", cls.crop), tuple(float(x) for x in data.get("crop_scale", cls.crop_scale)))
     if spec.sampling not in ("random", "start", "center"):
-      raise ValueError(f"config.data.clip_sampling={spec.sampling!r}: choose 'random', 'start' or 'center'")
+      raise configs_lib.ConfigError(f"config.data.clip_sampling={spec.sampling!r}: choose 'random', 'start' or 'center'")
     if spec.frame_stride < 1 or spec.fps < 0:
-      raise ValueError(f"config.data.frame_stride={spec.frame_stride} / fps={spec.fps}: need stride >= 1, fps >= 0")
+      raise configs_lib.ConfigError(f"config.data.frame_stride={spec.frame_stride} / fps={spec.fps}: need stride >= 1, fps >= 0")
     if spec.crop not in ("center", "random"):
-      raise ValueError(f"config.data.crop={spec.crop!r}: choose 'center' or 'random'")
+      raise configs_lib.ConfigError(f"config.data.crop={spec.crop!r}: choose 'center' or 'random'")
     if len(spec.crop_scale) != 2 or not 0 < spec.crop_scale[0] <= spec.crop_scale[1] <= 1:
-      raise ValueError(f"config.data.crop_scale={spec.crop_scale}: need (lo, hi) with 0 < lo <= hi <= 1")
+      raise configs_lib.ConfigError(f"config.data.crop_scale={spec.crop_scale}: need (lo, hi) with 0 < lo <= hi <= 1")
     return spec
 
 
@@ -463,7 +463,7 @@ def pixel_dataset(config, *, split: str = "train", seed: int, size: Sequence[int
     if size is not None and size[0] > 1:
       ds = ds.filter(_is_not_image)  # images cannot fill a multi-frame size: left out, not counted as bad
   else:
-    raise ValueError(f"config.data.source={kind!r}: choose one of {KINDS}")
+    raise configs_lib.ConfigError(f"config.data.source={kind!r}: choose one of {KINDS}")
   if shard:
     ds = ds[jax.process_index()::jax.process_count()]
   num_records = len(ds)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sora_jax import configs_lib
 from sora_jax import segments
 from sora_jax.models import layers
 from sora_jax.models import rope as rope_lib
@@ -47,7 +48,7 @@ def tokenize(caption: str, max_len: int, tokenizer: str = "bytes", path: str | N
     ids = np.asarray([2 + zlib.crc32(w.encode()) % buckets for w in _WORD.findall(caption.lower())],
                      np.int32)[: max_len - 1]
   else:
-    raise ValueError(f"config.text.tokenizer={tokenizer!r}: choose one of {TOKENIZERS}")
+    raise configs_lib.ConfigError(f"config.text.tokenizer={tokenizer!r}: choose one of {TOKENIZERS}")
   return np.concatenate([[BOS], ids]).astype(np.int32)
 
 
@@ -117,20 +118,20 @@ def from_config(cfg, *, backend: str, rngs: nnx.Rngs) -> nnx.Module:
   if cfg.encoder in text_pretrained.KINDS:
     tokenizer = cfg.get("tokenizer", "bytes")
     if tokenizer != cfg.encoder:
-      raise ValueError(f"config.text.tokenizer={tokenizer!r}: encoder {cfg.encoder!r} needs tokenizer {cfg.encoder!r}")
+      raise configs_lib.ConfigError(f"config.text.tokenizer={tokenizer!r}: encoder {cfg.encoder!r} needs tokenizer {cfg.encoder!r}")
     encoder = text_pretrained.build(cfg.encoder, cfg.get("path"), trainable=cfg.get("trainable", False),
                                     backend=backend, rngs=rngs)
     if encoder.width != cfg.width:
-      raise ValueError(f"config.text.width={cfg.width}: the {cfg.encoder} encoder has width {encoder.width}")
+      raise configs_lib.ConfigError(f"config.text.width={cfg.width}: the {cfg.encoder} encoder has width {encoder.width}")
     if cfg.get("max_len", 0) > getattr(encoder, "max_positions", cfg.get("max_len", 0)):
-      raise ValueError(f"config.text.max_len={cfg.max_len}: the {cfg.encoder} encoder has "
+      raise configs_lib.ConfigError(f"config.text.max_len={cfg.max_len}: the {cfg.encoder} encoder has "
                        f"{encoder.max_positions} positions")
     return encoder
   if cfg.encoder != "trainable":
-    raise ValueError(f"config.text.encoder={cfg.encoder!r}: unknown text encoder; available: "
+    raise configs_lib.ConfigError(f"config.text.encoder={cfg.encoder!r}: unknown text encoder; available: "
                      f"{('trainable',) + text_pretrained.KINDS}")
   tokenizer = cfg.get("tokenizer", "bytes")
   if tokenizer not in VOCAB_SIZES:
-    raise ValueError(f"config.text.tokenizer={tokenizer!r}: choose one of {sorted(VOCAB_SIZES)}")
+    raise configs_lib.ConfigError(f"config.text.tokenizer={tokenizer!r}: choose one of {sorted(VOCAB_SIZES)}")
   return TextEncoder(vocab_size=VOCAB_SIZES[tokenizer], width=cfg.width, depth=cfg.depth,
                      num_heads=cfg.num_heads, backend=backend, rngs=rngs)

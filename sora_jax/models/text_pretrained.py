@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
+from sora_jax import configs_lib
 from sora_jax import segments
 from sora_jax.models import attention as attention_lib
 from sora_jax.models import layers
@@ -59,14 +60,14 @@ def minilm_dir() -> str:
 def model_dir(kind: str, path: str | None) -> str:
   """The HF folder of an encoder: `path`, or the packaged MiniLM when `kind` is 'minilm' and no path."""
   if kind not in KINDS:
-    raise ValueError(f"config.text.encoder={kind!r}: pretrained encoders are {KINDS}")
+    raise configs_lib.ConfigError(f"config.text.encoder={kind!r}: pretrained encoders are {KINDS}")
   if not path:
     if kind == "minilm":
       return minilm_dir()
     raise ValueError("config.text.path: the t5 encoder needs a local HF folder (config.json, *.safetensors)")
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"config.text.path={path!r}: no such folder")
+    raise configs_lib.ConfigPathError(f"config.text.path={path!r}: no such folder")
   return path
 
 
@@ -93,7 +94,7 @@ def tokenize(caption: str, max_len: int, path: str) -> np.ndarray:
   """Caption -> int32 [n], 1 <= n <= max_len, with the tokenizer.json in `path` (special tokens included)."""
   file = os.path.join(path, "tokenizer.json")
   if not os.path.isfile(file):
-    raise FileNotFoundError(f"{file}: missing; write one with transformers' "
+    raise configs_lib.ConfigPathError(f"{file}: missing; write one with transformers' "
                             "AutoTokenizer.from_pretrained(path).save_pretrained(path)")
   ids = np.asarray(_tokenizer(file, max_len).encode(caption).ids, np.int32)
   if not ids.size:
@@ -104,7 +105,7 @@ def tokenize(caption: str, max_len: int, path: str) -> np.ndarray:
 def _read_tensors(path: str) -> dict[str, np.ndarray]:
   files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
   if not files:
-    raise FileNotFoundError(f"{path}: no *.safetensors files (only safetensors weights are loaded)")
+    raise configs_lib.ConfigPathError(f"{path}: no *.safetensors files (only safetensors weights are loaded)")
   tensors = {}
   for file in files:
     with safe_open(file, "np") as f:
@@ -290,7 +291,7 @@ class T5Layer(nnx.Module):
     self.gated = proj.startswith("gated-")
     act = proj.removeprefix("gated-")
     if act not in ("relu", "gelu"):
-      raise ValueError(f"config.json: feed_forward_proj={proj!r} unsupported; use relu or gated-gelu")
+      raise configs_lib.ConfigError(f"config.json: feed_forward_proj={proj!r} unsupported; use relu or gated-gelu")
     # HF maps "gated-gelu" to the tanh GELU ("gelu_new") and plain "gelu" to the exact one.
     self.act = (jax.nn.relu if act == "relu" else
                 functools.partial(jax.nn.gelu, approximate=self.gated))
@@ -320,7 +321,7 @@ class T5Encoder(nnx.Module):
     del backend  # The relative bias needs materialised logits: always the XLA reference path.
     model_type = config.get("model_type", "t5")
     if model_type not in ("t5", "umt5", "mt5"):
-      raise ValueError(f"config.json: model_type={model_type!r} is not a T5 encoder (t5, mt5, umt5)")
+      raise configs_lib.ConfigError(f"config.json: model_type={model_type!r} is not a T5 encoder (t5, mt5, umt5)")
     self.per_layer_bias = model_type == "umt5"
     self.num_buckets = config.get("relative_attention_num_buckets", 32)
     self.max_distance = config.get("relative_attention_max_distance", 128)

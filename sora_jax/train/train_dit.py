@@ -16,6 +16,7 @@ import optax
 from absl import logging
 from flax import nnx
 
+from sora_jax import configs_lib
 from sora_jax import segments
 from sora_jax.data import latent_cache
 from sora_jax.data import packing
@@ -57,7 +58,7 @@ def restore(config, workdir: str, mesh, *, use_ema: bool = True):
   created, _ = create(config, mesh)
   ckpt = ckpt_lib.Checkpointer(checkpoint_dir(workdir))
   if ckpt.latest_step() is None:
-    raise FileNotFoundError(f"no DiT checkpoint under {checkpoint_dir(workdir)}: run --mode=train_dit first")
+    raise configs_lib.MissingStageError(f"no DiT checkpoint under {checkpoint_dir(workdir)}: run --mode=train_dit first")
   state, step = ckpt.restore(created.state)
   ckpt.close()
   params = state.ema if (use_ema and state.ema is not None) else state.params
@@ -151,7 +152,7 @@ def latent_caches(config, workdir: str) -> tuple[list[latent_cache.LatentCacheSo
   for name, path, weight in latent_parts(config, workdir):
     if not os.path.exists(path):
       part = f" (config.data.mixture part {name!r})" if sources.mixture(config) else ""
-      raise FileNotFoundError(f"no latent cache at {path}{part}: run --mode=encode first")
+      raise configs_lib.MissingStageError(f"no latent cache at {path}{part}: run --mode=encode first")
     caches.append(latent_cache.LatentCacheSource(path))
     weights.append(weight)
   return caches, weights
@@ -163,7 +164,7 @@ def latent_source(workdir: str, config=None) -> grain.MapDataset:
   if config is None or not sources.mixture(config):
     path = latent_cache.dataset_path(latent_dir(workdir))
     if not os.path.isdir(path):
-      raise FileNotFoundError(f"no latent cache at {path}: run --mode=encode first")
+      raise configs_lib.MissingStageError(f"no latent cache at {path}: run --mode=encode first")
     return grain.MapDataset.source(latent_cache.LatentCacheSource(path))
   caches, weights = latent_caches(config, workdir)
   return sources.mix([grain.MapDataset.source(c) for c in caches], weights)

@@ -22,6 +22,7 @@ import optax
 from absl import logging
 from flax import nnx
 
+from sora_jax import configs_lib
 from sora_jax.data import pipeline
 from sora_jax.data import synthetic
 from sora_jax.data import video_io
@@ -64,7 +65,7 @@ def restore(config, workdir: str, mesh):
   created, _ = create(config, mesh)
   ckpt = ckpt_lib.Checkpointer(checkpoint_dir(workdir))
   if ckpt.latest_step() is None:
-    raise FileNotFoundError(f"no VAE checkpoint under {checkpoint_dir(workdir)}: run --mode=train_vae first")
+    raise configs_lib.MissingStageError(f"no VAE checkpoint under {checkpoint_dir(workdir)}: run --mode=train_vae first")
   state, _ = ckpt.restore(created.state)
   ckpt.close()
   return created.graphdef, state.params, state.rest
