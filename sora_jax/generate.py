@@ -33,6 +33,11 @@ from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.train import train_dit
 from sora_jax.train import train_vae
 
+class PromptError(configs_lib.InputError, ValueError):
+  """A prompt (a line of a prompts file, or a dict) asks for something this model or its condition clips
+  cannot give; the message names the prompt and field. The launcher prints it as one line."""
+
+
 MODES = ("t2v", "t2i", "i2v", "extend_forward", "extend_backward", "connect", "loop", "sdedit")
 CONDITION_FIELDS = ("image", "video", "video_end")
 # The condition fields each mode reads, in order of preference for its first source.
@@ -69,62 +74,62 @@ def check_prompt(p: dict, config, where: str) -> dict:
   known = set(_INT_FIELDS + _FLOAT_FIELDS + _STR_FIELDS + _OTHER_FIELDS)
   for k in p:
     if k not in known:
-      raise ValueError(f"{where}: field {k!r} is unknown; expected some of {sorted(known | {'prompt'})}")
+      raise PromptError(f"{where}: field {k!r} is unknown; expected some of {sorted(known | {'prompt'})}")
   if not isinstance(p.get("caption"), str):
-    raise ValueError(f"{where}: field 'prompt' (a string) is required")
+    raise PromptError(f"{where}: field 'prompt' (a string) is required")
   for k in _STR_FIELDS:
     if k in p and not isinstance(p[k], str):
-      raise ValueError(f"{where}: field {k!r}={p[k]!r} must be a string")
+      raise PromptError(f"{where}: field {k!r}={p[k]!r} must be a string")
   for k in _INT_FIELDS:
     if k in p and (isinstance(p[k], bool) or not isinstance(p[k], (int, np.integer))
                    or p[k] < (0 if k == "seed" else 1)):
-      raise ValueError(f"{where}: field {k!r}={p[k]!r} must be a {'non-negative' if k == 'seed' else 'positive'} "
+      raise PromptError(f"{where}: field {k!r}={p[k]!r} must be a {'non-negative' if k == 'seed' else 'positive'} "
                        f"integer")
   for k in _FLOAT_FIELDS:
     if k in p and (isinstance(p[k], bool) or not isinstance(p[k], (int, float)) or not math.isfinite(p[k])
                    or p[k] < 0 or (k == "strength" and p[k] > 1)):
-      raise ValueError(f"{where}: field {k!r}={p[k]!r} must be a number in "
+      raise PromptError(f"{where}: field {k!r}={p[k]!r} must be a number in "
                        f"{'[0, 1]' if k == 'strength' else '[0, inf)'}")
   mode = p.setdefault("mode", "t2v")
   if mode not in MODES:
-    raise ValueError(f"{where}: field 'mode'={mode!r} is unknown; choose one of {MODES}")
+    raise PromptError(f"{where}: field 'mode'={mode!r} is unknown; choose one of {MODES}")
   if "solver" in p and p["solver"] not in samplers.FLOW_SOLVERS:
-    raise ValueError(f"{where}: field 'solver'={p['solver']!r} is unknown; choose one of {samplers.FLOW_SOLVERS}")
+    raise PromptError(f"{where}: field 'solver'={p['solver']!r} is unknown; choose one of {samplers.FLOW_SOLVERS}")
   if "guidance_interval" in p:
     gi = p["guidance_interval"]
     if (not isinstance(gi, (list, tuple)) or len(gi) != 2
         or not all(isinstance(v, (int, float)) for v in gi) or not 0 <= gi[0] <= gi[1] <= 1):
-      raise ValueError(f"{where}: field 'guidance_interval'={gi!r} must be [t_lo, t_hi] with 0 <= t_lo <= t_hi <= 1")
+      raise PromptError(f"{where}: field 'guidance_interval'={gi!r} must be [t_lo, t_hi] with 0 <= t_lo <= t_hi <= 1")
     p["guidance_interval"] = tuple(float(v) for v in gi)
   for k in CONDITION_FIELDS:
     if k in p and not isinstance(p[k], (str, np.ndarray)):
-      raise ValueError(f"{where}: field {k!r} must be a file path or an array, got {type(p[k]).__name__}")
+      raise PromptError(f"{where}: field {k!r} must be a file path or an array, got {type(p[k]).__name__}")
     if isinstance(p.get(k), str) and not os.path.isfile(p[k]):
-      raise ValueError(f"{where}: field {k!r}: no such file {p[k]!r}")
+      raise PromptError(f"{where}: field {k!r}: no such file {p[k]!r}")
   needs = _MODE_SOURCES.get(mode, ())
   if mode == "connect" and not all(k in p for k in needs):
-    raise ValueError(f"{where}: mode 'connect' needs fields 'video' (start clip) and 'video_end' (end clip)")
+    raise PromptError(f"{where}: mode 'connect' needs fields 'video' (start clip) and 'video_end' (end clip)")
   if needs and not any(k in p for k in needs):
-    raise ValueError(f"{where}: mode {mode!r} needs field {' or '.join(repr(k) for k in needs)}")
+    raise PromptError(f"{where}: mode {mode!r} needs field {' or '.join(repr(k) for k in needs)}")
   if mode == "sdedit":
     p.setdefault("strength", 0.7)
   elif "strength" in p:
-    raise ValueError(f"{where}: field 'strength' only applies to mode 'sdedit', not {mode!r}")
+    raise PromptError(f"{where}: field 'strength' only applies to mode 'sdedit', not {mode!r}")
   # Sizes: the heldout size by default; images are 1 frame.
   default = tuple(config.data.heldout_size)
   if mode == "t2i":
     if p.setdefault("frames", 1) != 1:
-      raise ValueError(f"{where}: field 'frames'={p['frames']} but mode 't2i' makes 1-frame images")
+      raise PromptError(f"{where}: field 'frames'={p['frames']} but mode 't2i' makes 1-frame images")
   p.setdefault("frames", default[0])
   p.setdefault("height", default[1])
   p.setdefault("width", default[2])
   st, ss = configs_lib.vae_strides(config.vae)
   _, ph, pw = config.dit.patch_size
   if (p["frames"] - 1) % st:
-    raise ValueError(f"{where}: field 'frames'={p['frames']} must be 1 + {st}*k for the VAE's temporal stride")
+    raise PromptError(f"{where}: field 'frames'={p['frames']} must be 1 + {st}*k for the VAE's temporal stride")
   for k, patch in (("height", ph), ("width", pw)):
     if p[k] % (ss * patch):
-      raise ValueError(f"{where}: field {k!r}={p[k]} must divide by VAE stride x patch = {ss * patch}")
+      raise PromptError(f"{where}: field {k!r}={p[k]} must divide by VAE stride x patch = {ss * patch}")
   return p
 
 
@@ -140,16 +145,16 @@ def read_prompts(path: str, config) -> list[dict]:
       try:
         p = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+        raise PromptError(f"{where}: not valid JSON ({e.msg})") from None
       if not isinstance(p, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(p).__name__}")
+        raise PromptError(f"{where}: expected a JSON object, got {type(p).__name__}")
       p.setdefault("seed", n)
       for k in CONDITION_FIELDS:
         if isinstance(p.get(k), str):
           p[k] = os.path.join(base, os.path.expanduser(p[k]))
       prompts.append(check_prompt(p, config, where))
   if not prompts:
-    raise ValueError(f"{path}: no prompts")
+    raise PromptError(f"{path}: no prompts")
   return prompts
 
 
@@ -162,13 +167,16 @@ def _load(value, height: int, width: int, where: str) -> np.ndarray:
   Resized to cover the prompt's size with its aspect ratio kept, then center cropped.
   """
   if isinstance(value, str):
-    frames = video_io.read_image(value) if video_io.is_image(value) else video_io.read_video(value)
+    try:
+      frames = video_io.read_image(value) if video_io.is_image(value) else video_io.read_video(value)
+    except video_io.DECODE_ERRORS as e:
+      raise PromptError(f"{where}: cannot read {value!r} ({type(e).__name__}: {e})") from None
   else:
     frames = np.asarray(value)
   if frames.ndim == 3:
     frames = frames[None]
   if frames.ndim != 4 or frames.shape[-1] != 3:
-    raise ValueError(f"{where}: expected an image [H, W, 3] or a video [T, H, W, 3], got shape {frames.shape}")
+    raise PromptError(f"{where}: expected an image [H, W, 3] or a video [T, H, W, 3], got shape {frames.shape}")
   return video_io.to_float(video_io.resize_crop(video_io.to_uint8(frames), height, width))
 
 
@@ -204,7 +212,7 @@ def condition_clips(p: dict, num_latent: int, stride: int, where: str) -> list[t
 
   def take(key, clip, count, from_end):
     if len(clip) < count:
-      raise ValueError(f"{where}: field {key!r} has {len(clip)} frames; mode {mode!r} needs at least {count}")
+      raise PromptError(f"{where}: field {key!r} has {len(clip)} frames; mode {mode!r} needs at least {count}")
     return clip[len(clip) - count:] if from_end else clip[:count]
 
   if mode == "sdedit":
@@ -213,7 +221,7 @@ def condition_clips(p: dict, num_latent: int, stride: int, where: str) -> list[t
   prefix = {"i2v": 1, "loop": 1, "extend_forward": k, "connect": k}.get(mode, 0)
   suffix = {"loop": 1, "extend_backward": k, "connect": k}.get(mode, 0)
   if prefix + suffix >= num_latent:
-    raise ValueError(f"{where}: mode {mode!r} gives {prefix}+{suffix} of the {num_latent} latent frames; "
+    raise PromptError(f"{where}: mode {mode!r} gives {prefix}+{suffix} of the {num_latent} latent frames; "
                      f"nothing is left to generate (fewer context_frames or more frames)")
   out = []
   if mode in ("i2v", "loop"):
@@ -288,7 +296,7 @@ def _text_rows(rows: dict, captions: dict[int, str], config) -> dict:
     for s in np.nonzero(rows["grid_segment_ids"][r])[0]:
       ids = tokenize(captions[int(rows["index"][r, s])], config)
       if n + len(ids) > lt:
-        raise ValueError(f"negative prompts of row {r} need more than train_dit.text_seq_len={lt} tokens")
+        raise PromptError(f"negative prompts of row {r} need more than train_dit.text_seq_len={lt} tokens")
       text[r, n:n + len(ids)], seg[r, n:n + len(ids)], pos[r, n:n + len(ids)] = ids, s + 1, np.arange(len(ids))
       n += len(ids)
   return {"text": text, "text_segment_ids": seg, "text_positions": pos}
@@ -382,7 +390,7 @@ def sample_latents(config, models: Models, mesh, prompts: list[dict], *, encode=
   settings = [_settings(p, sc, overrides) for p in prompts]
   for i, s in enumerate(settings):
     if s[1] not in samplers.FLOW_SOLVERS:
-      raise ValueError(f"prompt {i}: solver {s[1]!r} is unknown; choose one of {samplers.FLOW_SOLVERS}")
+      raise PromptError(f"prompt {i}: solver {s[1]!r} is unknown; choose one of {samplers.FLOW_SOLVERS}")
 
   # One sampler call per group of prompts sharing settings (they are static in the compiled sampler).
   groups = collections.defaultdict(list)
@@ -400,7 +408,7 @@ def sample_latents(config, models: Models, mesh, prompts: list[dict], *, encode=
       noise = np.asarray(jax.random.normal(jax.random.key(int(p.get("seed", i))), shape), np.float32)
       tokens, coords, grid = packing.patchify(noise, patch)
       if len(tokens) > t.seq_len:
-        raise ValueError(f"prompt {i}: {p['frames']}x{p['height']}x{p['width']} needs {len(tokens)} tokens, "
+        raise PromptError(f"prompt {i}: {p['frames']}x{p['height']}x{p['width']} needs {len(tokens)} tokens, "
                          f"more than train_dit.seq_len={t.seq_len}")
       x0_tokens = packing.patchify(conds[i]["x0"], patch)[0]
       # A token is pinned when every latent frame of its temporal patch is given.

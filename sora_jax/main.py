@@ -95,10 +95,7 @@ def run(config, workdir: str, mode: str) -> dict:
     if path:
       if not os.path.isfile(path):
         raise configs_lib.InputError(f"--prompts={path}: no such file")
-      try:
-        prompts = generate_lib.read_prompts(path, config)
-      except ValueError as e:
-        raise configs_lib.InputError(str(e)) from None
+      prompts = generate_lib.read_prompts(path, config)  # generate.PromptError: one line, exit code 2
     else:
       prompts = synthetic.heldout_prompts(config.sample.num_heldout_prompts, tuple(config.data.heldout_size),
                                           seed=config.seed)

@@ -73,6 +73,19 @@ def test_bad_prompts_file_fails_in_one_line_naming_the_line_and_field(tmp_path):
   assert proc.stderr.strip().splitlines()[-1] == f"error: --prompts={tmp_path / 'missing.jsonl'}: no such file"
 
 
+def test_a_condition_file_that_does_not_decode_fails_in_one_line(tiny_run, tmp_path):
+  # Found when the clip is loaded (after the models are restored, before any sampling): still one line.
+  (tmp_path / "a.mp4").write_bytes(b"not a video")
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text('{"prompt": "b", "mode": "i2v", "video": "a.mp4"}\n')
+  proc = _run(["--config=configs/tiny_t2v.py:runlocal", "--mode=sample", "--config.compilation_cache=",
+               f"--prompts={prompts}"], tiny_run)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      f"error: prompt 0: field 'video': cannot read '{tmp_path / 'a.mp4'}' (InvalidDataError: ")
+  assert not os.path.exists(os.path.join(tiny_run, "samples", "p"))
+
+
 def test_a_mode_whose_earlier_stage_is_missing_says_which_to_run(tmp_path):
   proc = _run(["--config=configs/tiny_t2v.py:runlocal", "--mode=sample", "--config.compilation_cache="],
               str(tmp_path))

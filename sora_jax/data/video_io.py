@@ -16,6 +16,9 @@ import numpy as np
 from PIL import Image
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".gif")
+# What reading an unreadable or unsupported file raises: Pillow's OSError, PyAV's FFmpegError family (some
+# of them ValueErrors or OSErrors too), and the ValueError of a file without video frames.
+DECODE_ERRORS = (OSError, ValueError, av.error.FFmpegError)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # A file path or the file's bytes (tfds datasets store mp4 bytes).
 Media = Union[str, bytes]
