@@ -84,12 +84,12 @@ def check_prompt(p: dict, config, where: str) -> dict:
     if k in p and (isinstance(p[k], bool) or not isinstance(p[k], (int, np.integer))
                    or p[k] < (0 if k == "seed" else 1)):
       raise PromptError(f"{where}: field {k!r}={p[k]!r} must be a {'non-negative' if k == 'seed' else 'positive'} "
-                       f"integer")
+                        f"integer")
   for k in _FLOAT_FIELDS:
     if k in p and (isinstance(p[k], bool) or not isinstance(p[k], (int, float)) or not math.isfinite(p[k])
                    or p[k] < 0 or (k == "strength" and p[k] > 1)):
       raise PromptError(f"{where}: field {k!r}={p[k]!r} must be a number in "
-                       f"{'[0, 1]' if k == 'strength' else '[0, inf)'}")
+                        f"{'[0, 1]' if k == 'strength' else '[0, inf)'}")
   mode = p.setdefault("mode", "t2v")
   if mode not in MODES:
     raise PromptError(f"{where}: field 'mode'={mode!r} is unknown; choose one of {MODES}")
@@ -222,7 +222,7 @@ def condition_clips(p: dict, num_latent: int, stride: int, where: str) -> list[t
   suffix = {"loop": 1, "extend_backward": k, "connect": k}.get(mode, 0)
   if prefix + suffix >= num_latent:
     raise PromptError(f"{where}: mode {mode!r} gives {prefix}+{suffix} of the {num_latent} latent frames; "
-                     f"nothing is left to generate (fewer context_frames or more frames)")
+                      f"nothing is left to generate (fewer context_frames or more frames)")
   out = []
   if mode in ("i2v", "loop"):
     key = _first_source(p)
@@ -409,7 +409,7 @@ def sample_latents(config, models: Models, mesh, prompts: list[dict], *, encode=
       tokens, coords, grid = packing.patchify(noise, patch)
       if len(tokens) > t.seq_len:
         raise PromptError(f"prompt {i}: {p['frames']}x{p['height']}x{p['width']} needs {len(tokens)} tokens, "
-                         f"more than train_dit.seq_len={t.seq_len}")
+                          f"more than train_dit.seq_len={t.seq_len}")
       x0_tokens = packing.patchify(conds[i]["x0"], patch)[0]
       # A token is pinned when every latent frame of its temporal patch is given.
       given = conds[i]["given"].reshape(-1, patch[0]).all(1)[coords[:, 0]]

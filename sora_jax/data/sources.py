@@ -321,9 +321,11 @@ class ClipSpec:
     spec = cls(data.get("clip_sampling", "random"), int(data.get("frame_stride", 1)), float(data.get("fps", 0.0)),
                data.get("crop", cls.crop), tuple(float(x) for x in data.get("crop_scale", cls.crop_scale)))
     if spec.sampling not in ("random", "start", "center"):
-      raise configs_lib.ConfigError(f"config.data.clip_sampling={spec.sampling!r}: choose 'random', 'start' or 'center'")
+      raise configs_lib.ConfigError(f"config.data.clip_sampling={spec.sampling!r}: choose 'random', 'start' "
+                                    "or 'center'")
     if spec.frame_stride < 1 or spec.fps < 0:
-      raise configs_lib.ConfigError(f"config.data.frame_stride={spec.frame_stride} / fps={spec.fps}: need stride >= 1, fps >= 0")
+      raise configs_lib.ConfigError(f"config.data.frame_stride={spec.frame_stride} / fps={spec.fps}: need "
+                                    "stride >= 1, fps >= 0")
     if spec.crop not in ("center", "random"):
       raise configs_lib.ConfigError(f"config.data.crop={spec.crop!r}: choose 'center' or 'random'")
     if len(spec.crop_scale) != 2 or not 0 < spec.crop_scale[0] <= spec.crop_scale[1] <= 1:

@@ -191,13 +191,13 @@ class TextEmbeddings:
     try:
       self.path = latent_cache._resolve(os.path.expanduser(path))  # pylint: disable=protected-access
     except FileNotFoundError as e:
-      raise configs_lib.ConfigPathError(f"config.text.precomputed={path!r}: no text embeddings there ({e}); write them "
-                              "with tools/encode_text.py") from e
+      raise configs_lib.ConfigPathError(f"config.text.precomputed={path!r}: no text embeddings there ({e}); "
+                                        "write them with tools/encode_text.py") from e
     meta_file = os.path.join(self.path, "metadata.json")
     meta = json.load(open(meta_file)) if os.path.isfile(meta_file) else {}
     if META_KEY not in meta or not os.path.isfile(os.path.join(self.path, CAPTIONS_FILE)):
-      raise configs_lib.ConfigError(f"config.text.precomputed={path!r}: {self.path} is not a text embeddings dataset "
-                       "(written by tools/encode_text.py)")
+      raise configs_lib.ConfigError(f"config.text.precomputed={path!r}: {self.path} is not a text embeddings "
+                                    "dataset (written by tools/encode_text.py)")
     self.info = meta[META_KEY]
     with open(os.path.join(self.path, CAPTIONS_FILE), encoding="utf-8") as f:
       self.rows = {json.loads(line): i for i, line in enumerate(f)}
@@ -230,18 +230,20 @@ class TextEmbeddings:
     """Raises unless these embeddings come from config.text's encoder and cover each of `caches`."""
     info = self.info
     if config.text.encoder != info["encoder"]:
-      raise configs_lib.ConfigError(f"config.text.encoder={config.text.encoder!r}, but the text embeddings at {self.path} "
-                       f"are from {info['encoder']!r}")
+      raise configs_lib.ConfigError(f"config.text.encoder={config.text.encoder!r}, but the text embeddings at "
+                                    f"{self.path} are from {info['encoder']!r}")
     if config.text.max_len != info["max_len"]:
-      raise configs_lib.ConfigError(f"config.text.max_len={config.text.max_len}, but the text embeddings at {self.path} "
-                       f"were tokenized with max_len={info['max_len']}: run tools/encode_text.py again")
+      raise configs_lib.ConfigError(f"config.text.max_len={config.text.max_len}, but the text embeddings at "
+                                    f"{self.path} were tokenized with max_len={info['max_len']}: run "
+                                    "tools/encode_text.py again")
     if config.text.width != info["width"]:
       raise configs_lib.ConfigError(f"config.text.width={config.text.width}: the text embeddings at {self.path} are "
-                       f"{info['width']} wide")
+                                    f"{info['width']} wide")
     fp = encoder_fingerprint(config.text.encoder, config.text.get("path") or None)
     if fp != info["encoder_fingerprint"]:
-      raise configs_lib.ConfigError(f"config.text.path={config.text.get('path') or ''!r}: a different {info['encoder']} "
-                       f"model (config/tokenizer files) than the one that wrote {self.path}")
+      raise configs_lib.ConfigError(f"config.text.path={config.text.get('path') or ''!r}: a different "
+                                    f"{info['encoder']} model (config/tokenizer files) than the one that wrote "
+                                    f"{self.path}")
     known = {c["fingerprint"]: c for c in info["caches"]}
     for cache in caches:
       now = cache_fingerprint(cache, split)

@@ -118,18 +118,20 @@ def from_config(cfg, *, backend: str, rngs: nnx.Rngs) -> nnx.Module:
   if cfg.encoder in text_pretrained.KINDS:
     tokenizer = cfg.get("tokenizer", "bytes")
     if tokenizer != cfg.encoder:
-      raise configs_lib.ConfigError(f"config.text.tokenizer={tokenizer!r}: encoder {cfg.encoder!r} needs tokenizer {cfg.encoder!r}")
+      raise configs_lib.ConfigError(f"config.text.tokenizer={tokenizer!r}: encoder {cfg.encoder!r} needs tokenizer "
+                                    f"{cfg.encoder!r}")
     encoder = text_pretrained.build(cfg.encoder, cfg.get("path"), trainable=cfg.get("trainable", False),
                                     backend=backend, rngs=rngs)
     if encoder.width != cfg.width:
-      raise configs_lib.ConfigError(f"config.text.width={cfg.width}: the {cfg.encoder} encoder has width {encoder.width}")
+      raise configs_lib.ConfigError(f"config.text.width={cfg.width}: the {cfg.encoder} encoder has width "
+                                    f"{encoder.width}")
     if cfg.get("max_len", 0) > getattr(encoder, "max_positions", cfg.get("max_len", 0)):
       raise configs_lib.ConfigError(f"config.text.max_len={cfg.max_len}: the {cfg.encoder} encoder has "
-                       f"{encoder.max_positions} positions")
+                                    f"{encoder.max_positions} positions")
     return encoder
   if cfg.encoder != "trainable":
     raise configs_lib.ConfigError(f"config.text.encoder={cfg.encoder!r}: unknown text encoder; available: "
-                     f"{('trainable',) + text_pretrained.KINDS}")
+                                  f"{('trainable',) + text_pretrained.KINDS}")
   tokenizer = cfg.get("tokenizer", "bytes")
   if tokenizer not in VOCAB_SIZES:
     raise configs_lib.ConfigError(f"config.text.tokenizer={tokenizer!r}: choose one of {sorted(VOCAB_SIZES)}")

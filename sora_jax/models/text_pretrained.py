@@ -95,7 +95,7 @@ def tokenize(caption: str, max_len: int, path: str) -> np.ndarray:
   file = os.path.join(path, "tokenizer.json")
   if not os.path.isfile(file):
     raise configs_lib.ConfigPathError(f"{file}: missing; write one with transformers' "
-                            "AutoTokenizer.from_pretrained(path).save_pretrained(path)")
+                                      "AutoTokenizer.from_pretrained(path).save_pretrained(path)")
   ids = np.asarray(_tokenizer(file, max_len).encode(caption).ids, np.int32)
   if not ids.size:
     raise ValueError(f"{file}: gives no tokens for {caption!r}; its post-processor must add special tokens")

@@ -58,7 +58,8 @@ def restore(config, workdir: str, mesh, *, use_ema: bool = True):
   created, _ = create(config, mesh)
   ckpt = ckpt_lib.Checkpointer(checkpoint_dir(workdir))
   if ckpt.latest_step() is None:
-    raise configs_lib.MissingStageError(f"no DiT checkpoint under {checkpoint_dir(workdir)}: run --mode=train_dit first")
+    raise configs_lib.MissingStageError(f"no DiT checkpoint under {checkpoint_dir(workdir)}: run "
+                                        f"--mode=train_dit first")
   state, step = ckpt.restore(created.state)
   ckpt.close()
   params = state.ema if (use_ema and state.ema is not None) else state.params

@@ -65,7 +65,8 @@ def restore(config, workdir: str, mesh):
   created, _ = create(config, mesh)
   ckpt = ckpt_lib.Checkpointer(checkpoint_dir(workdir))
   if ckpt.latest_step() is None:
-    raise configs_lib.MissingStageError(f"no VAE checkpoint under {checkpoint_dir(workdir)}: run --mode=train_vae first")
+    raise configs_lib.MissingStageError(f"no VAE checkpoint under {checkpoint_dir(workdir)}: run "
+                                        f"--mode=train_vae first")
   state, _ = ckpt.restore(created.state)
   ckpt.close()
   return created.graphdef, state.params, state.rest
