@@ -490,14 +490,11 @@ def _remove_previous_samples(out_dir: str, keep: int) -> None:
     return
   try:
     with open(path) as f:
-      old = json.load(f)["samples"]
+      indices = [rec["index"] for rec in json.load(f)["samples"]]
   except (ValueError, KeyError, TypeError):
     return  # not a samples.json this code wrote: leave everything as it is
-  for rec in old if isinstance(old, list) else []:
-    if not isinstance(rec, dict) or not isinstance(rec.get("index"), int) or rec["index"] < keep:
-      continue
-    name = f"sample_{rec['index']:03d}.mp4"
-    if os.path.basename(str(rec.get("file", ""))) == name and os.path.isfile(os.path.join(out_dir, name)):
+  for name in (f"sample_{i:03d}.mp4" for i in indices if isinstance(i, int) and i >= keep):
+    if os.path.isfile(os.path.join(out_dir, name)):
       os.remove(os.path.join(out_dir, name))
 
 
