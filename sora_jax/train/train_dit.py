@@ -54,15 +54,21 @@ def create(config, mesh, *, abstract: bool = False):
 
 
 def restore(config, workdir: str, mesh, *, use_ema: bool = True):
-  """The trained denoiser of `workdir` as (graphdef, params, rest, step); EMA weights when asked."""
-  created, _ = create(config, mesh)
+  """The trained denoiser of `workdir` as (graphdef, params, rest, step); EMA weights when asked. Reads one
+  set of weights alone: not the optimizer's state, nor the weights it does not return."""
+  created, _ = create(config, mesh, abstract=True)
   ckpt = ckpt_lib.Checkpointer(checkpoint_dir(workdir))
   if ckpt.latest_step() is None:
     raise configs_lib.MissingStageError(f"no DiT checkpoint under {checkpoint_dir(workdir)}: run "
                                         f"--mode=train_dit first")
-  state, step = ckpt.restore(created.state)
+  abstract = created.state
+  ema = use_ema and abstract.ema is not None
+  target = abstract.replace(opt_state=ckpt_lib.skip(abstract.opt_state),
+                            params=ckpt_lib.skip(abstract.params) if ema else abstract.params,
+                            ema=abstract.ema if ema else ckpt_lib.skip(abstract.ema))
+  state, step = ckpt.restore(target)
   ckpt.close()
-  params = state.ema if (use_ema and state.ema is not None) else state.params
+  params = state.ema if ema else state.params
   return created.graphdef, params, state.rest, step
 
 

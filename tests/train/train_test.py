@@ -121,6 +121,27 @@ def test_resume_after_kill_continues_with_the_same_state_and_batches(tmp_path):
   assert step_a == step_b == 4 and int(b.step) == 4
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # Sampling's restore reads one set of weights of the same checkpoint: the EMA, or the raw ones.
+  for use_ema, expected in ((True, a.ema), (False, a.params)):
+    _, params, _, step = train_dit.restore(config, full, mesh, use_ema=use_ema)
+    assert step == 4
+    for x, y in zip(jax.tree.leaves(expected), jax.tree.leaves(params)):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_checkpoint_restore_skips_leaves_and_casts_dtypes(tmp_path):
+  state = {"w": jnp.arange(6, dtype=jnp.float32).reshape(2, 3) / 7, "moments": {"mu": jnp.ones(3)},
+           "step": jnp.int32(5)}
+  ck = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
+  ck.save(5, state, force=True)
+  target = {"w": jax.ShapeDtypeStruct((2, 3), jnp.bfloat16, sharding=state["w"].sharding),
+            "moments": ckpt_lib.skip(state["moments"]), "step": state["step"]}
+  restored, step = ck.restore(target)
+  ck.close()
+  assert step == 5 and int(restored["step"]) == 5
+  assert restored["moments"]["mu"] is ckpt_lib.SKIP
+  assert restored["w"].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(restored["w"], state["w"].astype(jnp.bfloat16))
 
 
 def test_state_is_created_sharded_on_8_devices_and_steps_match_one_device(tmp_path):
