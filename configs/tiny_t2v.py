@@ -54,6 +54,9 @@ def get_config(arg=None):
       mid_attention=False,
       temporal_kernel=1,
       head_norm=False,
+      # Weights and activations of the VAE when it encodes and decodes (encode, sample, eval; training is
+      # float32): "bfloat16" halves their memory.
+      inference_dtype="float32",
   )
   c.train_vae = dict(
       steps=arg.vae_steps, batch_size=8, lr=1e-3, warmup_steps=30, weight_decay=0.0, grad_clip=1.0,

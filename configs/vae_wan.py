@@ -36,7 +36,7 @@ def get_config(arg=None):
   c.vae = dict(
       base_channels=arg.base, channel_mults=(1, 2, 4, 4), num_res_blocks=2,
       temporal_downsample=(False, True, True), latent_channels=16, mid_attention=True, pad_mode="zeros",
-      patch_size=1)
+      patch_size=1, inference_dtype="float32")
   if arg.wan21:
     c.vae.layout = "wan"
   c.data.sizes = [(t, r, r), (t, r, r * 16 // 9 // 16 * 16), (1, r, r)]  # 16:9 rounded to the 16-pixel grid

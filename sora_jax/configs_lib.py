@@ -157,6 +157,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if vae.get("layout", "default") == "wan" and (vae.get("temporal_kernel", 3) != 3
                                                  or not vae.get("head_norm", True)):
     _fail("vae.layout", vae.layout, "'wan' needs temporal_kernel=3 and head_norm=True (Wan2.1's blocks)")
+  if vae.get("inference_dtype", "float32") not in ("float32", "bfloat16"):
+    _fail("vae.inference_dtype", vae.inference_dtype, "must be 'float32' or 'bfloat16' (the restored VAE's "
+          "weights and activations when it encodes and decodes)")
   st, ss = vae_strides(vae)
   # Data sizes must go through the VAE and then the patcher.
   pt, ph, pw = config.dit.patch_size

@@ -64,6 +64,7 @@ def test_parse_arg_types_and_errors():
     ("vae.temporal_downsample", (True,), r"config.vae.temporal_downsample=\(True,\): needs one entry per"),
     ("vae.temporal_kernel", 2, r"config.vae.temporal_kernel=2: must be 1 or 3"),
     ("vae.layout", "wan", r"config.vae.layout='wan': 'wan' needs temporal_kernel=3 and head_norm=True"),
+    ("vae.inference_dtype", "float16", r"config.vae.inference_dtype='float16': must be 'float32' or 'bfloat16'"),
     ("encode.chunk", -1, r"config.encode.chunk=-1: must be non-negative"),
     ("encode.tile", 18, r"config.encode.tile=18: must be a multiple of the VAE's spatial stride 4"),
 ])

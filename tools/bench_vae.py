@@ -138,7 +138,8 @@ def _ours_vae(args):
   from sora_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
   return vae_lib.VAE(base_channels=args.base, channel_mults=(1, 2, 4, 4), num_res_blocks=2,
                      temporal_downsample=(False, True, True), latent_channels=16, mid_attention=True,
-                     pad_mode="zeros", layout=args.layout, rngs=nnx.Rngs(0))
+                     pad_mode="zeros", layout=args.layout, dtype=vae_lib.INFERENCE_DTYPES[args.dtype],
+                     rngs=nnx.Rngs(0))
 
 
 def _run_worker(python: str, impl: str, size: str, common: list, env: dict, *extra: str) -> dict:
@@ -162,12 +163,16 @@ def run_ours(args, t, h, w) -> dict:
   stages = {"rss_runtime_mb": _rss_mb()}  # the interpreter, jax and XLA's CPU client
   with nnx.use_eager_sharding(False):
     model = nnx.jit(lambda: _ours_vae(args))()
-  graphdef, state = nnx.split(model)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  # The weights in the compute dtype, as `train_vae.restore` reads them for `vae.inference_dtype`.
+  params = jax.tree.map(lambda a: a.astype(vae_lib.INFERENCE_DTYPES[args.dtype]), params)
+  del model
+  state = (params, rest)
   chunk = args.chunk or None
 
   @jax.jit
   def encode_decode(state, x):
-    m = nnx.merge(graphdef, state)
+    m = nnx.merge(graphdef, *state)
     mean, _ = m.encode(x, chunk=chunk)
     return m.decode(mean, chunk=chunk)
 
@@ -316,9 +321,10 @@ def run_peer(args, t, h, w) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   from diffusers import AutoencoderKLWan  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
+  dtype = getattr(torch, args.ref_dtype or args.dtype)
   model = AutoencoderKLWan(base_dim=args.base, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
-                           attn_scales=[], temperal_downsample=[False, True, True]).eval()
-  x = torch.rand(1, 3, t, h, w) * 2 - 1
+                           attn_scales=[], temperal_downsample=[False, True, True]).eval().to(dtype)
+  x = (torch.rand(1, 3, t, h, w) * 2 - 1).to(dtype)
 
   def encode_decode():
     with torch.no_grad():
@@ -367,6 +373,10 @@ def main():
                  help="ours: 'auto' folds the time taps of wide low-resolution convs into one conv "
                  "(vae.fold_time_taps); 'never' runs every conv one 2D conv per tap, 'always' folds every one "
                  "(for A/B)")
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                 help="ours' weights and activations (what `vae.inference_dtype` sets for encode / decode)")
+  p.add_argument("--ref_dtype", default="", choices=["", "float32", "bfloat16"],
+                 help="the peer's weights and activations (`model.to(dtype)`); '' : the same as --dtype")
   p.add_argument("--ref_python", default="/tmp/parityvenv/bin/python")
   p.add_argument("--trim", type=int, default=1, help="1: return freed heap pages to the kernel after the warm-up, "
                  "on both sides, before the peak RSS of the timed passes is taken; 0: as left by the warm-up")
@@ -402,7 +412,7 @@ def main():
 
   common = ["--base", str(args.base), "--repeats", str(args.repeats), "--chunk", str(args.chunk),
             "--layout", args.layout, "--trim", str(args.trim), "--fold_taps", args.fold_taps,
-            "--cpu_settings", str(args.cpu_settings)]
+            "--cpu_settings", str(args.cpu_settings), "--dtype", args.dtype, "--ref_dtype", args.ref_dtype]
   if args.memory_analysis:
     common.append("--memory_analysis")
   ours_env = bench_env.parse_pairs(args.ours_env)
@@ -423,6 +433,7 @@ def main():
   for key, runs in rounds.items():  # the median round by time stands for the side
     results[key] = sorted(runs, key=lambda x: x.get("seconds", 0.0))[(len(runs) - 1) // 2]
   summary = {"base": args.base, "chunk": args.chunk, "layout": args.layout, "trim": args.trim,
+             "dtype": args.dtype, "ref_dtype": args.ref_dtype or args.dtype,
              "fold_taps": args.fold_taps, "cpu_settings": args.cpu_settings, "rounds": args.rounds,
              "host": bench_env.host(),
              **bench_env.sides(ours_env),

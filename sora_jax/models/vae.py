@@ -670,8 +670,23 @@ _OPTIONAL_FIELDS = dict(mid_attention=False, in_channels=3, patch_size=1, spatia
                         pad_mode="replicate", layout="default", temporal_kernel=3, head_norm=True)
 
 
+# `vae.inference_dtype`: the weights and activations of encode / decode outside training.
+INFERENCE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def inference_dtype(cfg: Mapping[str, Any] | Any):
+  """`cfg.inference_dtype` (default float32) as a jnp dtype: what a restored VAE stores its weights and
+  computes in. bfloat16 halves the weights' and activations' memory; norms, softmax and the outputs stay
+  float32."""
+  name = cfg.get("inference_dtype", "float32")
+  if name not in INFERENCE_DTYPES:
+    raise ValueError(f"vae.inference_dtype must be one of {sorted(INFERENCE_DTYPES)}, got {name!r}")
+  return INFERENCE_DTYPES[name]
+
+
 def from_config(cfg: Mapping[str, Any] | Any, *, rngs: nnx.Rngs, dtype=jnp.float32) -> VAE:
-  """Builds a VAE from `config.vae` (a ConfigDict or dict); fields in `_OPTIONAL_FIELDS` may be absent."""
+  """Builds a VAE from `config.vae` (a ConfigDict or dict); fields in `_OPTIONAL_FIELDS` may be absent.
+  `dtype`: the compute dtype (weights are created float32; see `inference_dtype`)."""
   kwargs = {name: cfg[name] for name in _CONFIG_FIELDS}
   kwargs.update({name: cfg.get(name, default) for name, default in _OPTIONAL_FIELDS.items()})
   for name in ("channel_mults", "temporal_downsample", "spatial_downsample"):

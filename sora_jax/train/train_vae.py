@@ -37,17 +37,19 @@ from sora_jax.train import optim
 from sora_jax.train import state as state_lib
 
 
-def create(config, mesh, *, with_optimizer: bool = True, abstract: bool = False):
-  """(Created, tx) of the VAE; `abstract` gives shapes + shardings only (AOT compiles, golden specs)."""
+def create(config, mesh, *, with_optimizer: bool = True, abstract: bool = False, dtype=jnp.float32):
+  """(Created, tx) of the VAE; `abstract` gives shapes + shardings only (AOT compiles, golden specs).
+  `dtype`: the model's compute dtype (its weights are float32 either way)."""
   cfg = config.train_vae
   tx = optim.make_optimizer(cfg) if with_optimizer else optax.identity()
   created = (state_lib.abstract if abstract else state_lib.create)(
-      lambda r: _make_model(config, r), tx, seed=config.seed, mesh=mesh, rules=mesh_lib.VAE_RULES, ema=False)
+      lambda r: _make_model(config, r, dtype), tx, seed=config.seed, mesh=mesh, rules=mesh_lib.VAE_RULES,
+      ema=False)
   return created, tx
 
 
-def _make_model(config, rngs: nnx.Rngs) -> vae_lib.VAE:
-  model = vae_lib.from_config(config.vae, rngs=rngs)
+def _make_model(config, rngs: nnx.Rngs, dtype=jnp.float32) -> vae_lib.VAE:
+  model = vae_lib.from_config(config.vae, rngs=rngs, dtype=dtype)
   cfg = config.train_vae
   if cfg.get("disc_weight", 0.0) > 0:
     model.discriminator = disc_lib.PatchDiscriminator3D(
@@ -61,13 +63,19 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def restore(config, workdir: str, mesh):
-  """The trained VAE of `workdir` as (graphdef, params, rest); raises if it has not been trained."""
-  created, _ = create(config, mesh)
+  """The trained VAE of `workdir` for encoding and decoding, as (graphdef, params, rest); raises if it has
+  not been trained. Reads the weights alone (not the optimizer's state), in `config.vae.inference_dtype`,
+  which the graphdef also computes in."""
+  dtype = vae_lib.inference_dtype(config.vae)
+  created, _ = create(config, mesh, abstract=True, dtype=dtype)
   ckpt = ckpt_lib.Checkpointer(checkpoint_dir(workdir))
   if ckpt.latest_step() is None:
     raise configs_lib.MissingStageError(f"no VAE checkpoint under {checkpoint_dir(workdir)}: run "
                                         f"--mode=train_vae first")
-  state, _ = ckpt.restore(created.state)
+  target = created.state.replace(
+      opt_state=ckpt_lib.skip(created.state.opt_state),
+      params=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding), created.state.params))
+  state, _ = ckpt.restore(target)
   ckpt.close()
   return created.graphdef, state.params, state.rest
 

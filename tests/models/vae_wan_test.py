@@ -7,6 +7,7 @@ import importlib.util
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -134,13 +135,19 @@ def test_check_config_names_the_field():
     convert.check_config(config_dict.ConfigDict(dict(base_channels=96)), {"layout": "wan"})
 
 
+def _wan_source(config):
+  """A random-weight VAE at `config.vae`'s architecture."""
+  arch = {k: v for k, v in config.vae.items() if k != "inference_dtype"}
+  return vae_test._random_model(seed=2, **arch)  # pylint: disable=protected-access
+
+
 def test_workdir_checkpoint_loads_through_train_vae_restore(tmp_path):
   # The converter's output is an ordinary VAE workdir: the launcher's restore path reads it back.
   from configs import vae_wan  # pylint: disable=g-import-not-at-top
   from sora_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from sora_jax.train import train_vae  # pylint: disable=g-import-not-at-top
   config = vae_wan.get_config("runlocal,wan21")
-  source = vae_test._random_model(seed=2, **config.vae)  # pylint: disable=protected-access
+  source = _wan_source(config)
   diffusers_config = dict(base_dim=8, z_dim=16, num_res_blocks=1)  # the rest: Wan2.1's defaults
   convert.write_workdir(config, convert.export_weights(source), diffusers_config, str(tmp_path))
   _, params, rest = train_vae.restore(config, str(tmp_path), mesh_lib.make_mesh(config.mesh))
@@ -152,3 +159,34 @@ def test_workdir_checkpoint_loads_through_train_vae_restore(tmp_path):
     convert.write_workdir(config, convert.export_weights(source), diffusers_config, str(tmp_path))
   with pytest.raises(ValueError, match=r"config.vae.layout='default' but the Wan checkpoint needs 'wan'"):
     convert.write_workdir(vae_wan.get_config("runlocal"), {}, diffusers_config, str(tmp_path / "other"))
+
+
+def test_bfloat16_inference_restores_cast_weights_and_matches_float32(tmp_path):
+  # `vae.inference_dtype=bfloat16`: the restored weights are the stored ones rounded to bfloat16, the model
+  # computes in bfloat16, and its latents and pixels stay within bfloat16's rounding of the float32 pass.
+  from configs import vae_wan  # pylint: disable=g-import-not-at-top
+  from sora_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from sora_jax.train import train_vae  # pylint: disable=g-import-not-at-top
+  config = vae_wan.get_config("runlocal,wan21")
+  mesh = mesh_lib.make_mesh(config.mesh)
+  source = _wan_source(config)
+  convert.write_workdir(config, convert.export_weights(source), dict(base_dim=8, z_dim=16, num_res_blocks=1),
+                        str(tmp_path))
+  video = np.random.default_rng(0).uniform(-1, 1, (1, 5, 32, 32, 3)).astype(np.float32)
+  out = {}
+  for dtype in ("float32", "bfloat16"):
+    config.vae.inference_dtype = dtype
+    graphdef, params, rest = train_vae.restore(config, str(tmp_path), mesh)
+    assert {v.get_value().dtype for _, v in nnx.to_flat_state(params)} == {np.dtype(dtype)}
+    with mesh_lib.use(mesh, mesh_lib.VAE_RULES):
+      z = train_vae.make_encode_fn(graphdef, mesh, chunk=1)(params, rest, video)
+      out[dtype] = (np.asarray(z), np.asarray(train_vae.make_decode_fn(graphdef, mesh, chunk=1)(params, rest, z)))
+    out[dtype + "_params"] = params
+  stored = dict(nnx.to_flat_state(out["float32_params"]))
+  for path, var in nnx.to_flat_state(out["bfloat16_params"]):
+    np.testing.assert_array_equal(var.get_value(), stored[path].get_value().astype(jnp.bfloat16), str(path))
+  for i, name in enumerate(("latents", "pixels")):
+    full, half = out["float32"][i], out["bfloat16"][i]
+    assert half.dtype == np.float32, name
+    err = np.abs(half - full).max() / np.abs(full).max()
+    assert 1e-4 < err < 0.05, (name, err)  # bfloat16 keeps 8 bits of mantissa: about 0.4% per rounding

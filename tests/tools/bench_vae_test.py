@@ -39,6 +39,17 @@ def test_layers_are_one_steady_chunk_of_the_wan_vae(layers_run):
   assert layers_run["ours_matmul_gflops"] > 0
 
 
+def test_bfloat16_halves_the_arguments_of_the_pass():
+  # --dtype=bfloat16 runs ours as `vae.inference_dtype=bfloat16` does: weights stored in bfloat16, so the
+  # compiled pass's arguments (weights + a float32 clip of 5 x 32 x 32 x 3, 60 KB) are about half.
+  full, half = (_bench("--memory_analysis", f"--dtype={d}") for d in ("float32", "bfloat16"))
+  assert half["dtype"] == "bfloat16"
+  clip_mb = 5 * 32 * 32 * 3 * 4 / 2**20
+  ratio = (half["runs"]["ours/5x32x32"]["xla_argument_mb"] - clip_mb) / (
+      full["runs"]["ours/5x32x32"]["xla_argument_mb"] - clip_mb)
+  assert ratio == pytest.approx(0.5, abs=0.01)
+
+
 def test_compare_layers_weights_each_class_by_its_calls():
   layer = {"x": [1, 6, 8, 8, 4], "kernel": [3, 3, 3, 4, 4], "strides": [1, 1, 1], "spatial_pad": None,
            "out": [1, 4, 8, 8, 4]}
