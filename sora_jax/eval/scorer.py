@@ -148,6 +148,33 @@ def _shape(mask: np.ndarray) -> str | None:
   return "square" if vote > 0 else "circle"
 
 
+def _track(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Frame indices where the foreground `mask` [T, H, W] is non-empty and its centroid (rows, cols) there."""
+  _, height, width = mask.shape
+  area = mask.sum((1, 2)).astype(np.float32)
+  valid = area > 0
+  weights = mask[valid].astype(np.float32)
+  cy = (weights.sum(2) * (np.arange(height) + 0.5)).sum(1) / area[valid]
+  cx = (weights.sum(1) * (np.arange(width) + 0.5)).sum(1) / area[valid]
+  return np.nonzero(valid)[0].astype(np.float32), cy, cx
+
+
+def velocity(video) -> np.ndarray | None:
+  """The shape's mean velocity (rows, cols), in frame heights and widths per frame: the least-squares
+  slope of the foreground centroid that `score_video` reads direction from. None when no shape is seen in
+  two frames."""
+  pixels = _smooth(_to_pixels(video))
+  _, height, width, _ = pixels.shape
+  dist = _norm(pixels - _background(pixels))
+  peak = float(np.quantile(dist, _FG_QUANTILE))
+  if peak < _MIN_CONTRAST:
+    return None
+  t, cy, cx = _track(_foreground(dist, peak))
+  if len(t) < 2:
+    return None
+  return np.array([_slope(cy, t) / height, _slope(cx, t) / width])
+
+
 def score_video(video) -> dict:
   """Predicts attribute values (names from `synthetic.ATTRIBUTES`) of one clip.
 
@@ -194,11 +221,7 @@ def score_video(video) -> dict:
 
   if valid.sum() < 2:
     return out
-  weights = mask[valid].astype(np.float32)
-  a = area[valid]
-  cy = (weights.sum(2) * (np.arange(height) + 0.5)).sum(1) / a
-  cx = (weights.sum(1) * (np.arange(width) + 0.5)).sum(1) / a
-  t = np.nonzero(valid)[0].astype(np.float32)
+  t, cy, cx = _track(mask)
   span = t[-1] - t[0]
   travel_x, travel_y = _slope(cx, t) * span, _slope(cy, t) * span
   if abs(travel_x) / width >= abs(travel_y) / height:

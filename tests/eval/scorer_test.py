@@ -144,3 +144,16 @@ def test_predict_labels():
   only = scorer.predict_labels(videos[:2], attributes=("color",))
   assert (only[:, synthetic.ATTRIBUTE_NAMES.index("color")] >= 0).all()
   assert (np.delete(only, synthetic.ATTRIBUTE_NAMES.index("color"), axis=1) == -1).all()
+
+
+def test_velocity_is_the_centroid_speed_in_frame_fractions():
+  # A 6 x 6 square moving 2 pixels right and 1 down per frame on a 32 x 48 frame; blur and noise keep it.
+  video = np.zeros((8, 32, 48, 3), np.uint8)
+  for t in range(8):
+    video[t, 4 + t:10 + t, 3 + 2 * t:9 + 2 * t] = (255, 60, 0)
+  np.testing.assert_allclose(scorer.velocity(video), [1 / 32, 2 / 48], rtol=1e-5)
+  np.testing.assert_allclose(scorer.velocity(_degrade(video, np.random.default_rng(0))), [1 / 32, 2 / 48],
+                             rtol=0.05)
+  np.testing.assert_allclose(scorer.velocity(video[::-1]), [-1 / 32, -2 / 48], rtol=1e-5)
+  assert scorer.velocity(np.zeros((8, 32, 48, 3), np.uint8)) is None  # no shape
+  assert scorer.velocity(video[:1]) is None  # one frame
