@@ -38,6 +38,9 @@ def get_config(arg=None):
       # How far past the edge an exiting shape's travel may end, as a fraction of the travel (0: at most half
       # a shape, so it leaves in the last frame; 1: anywhere in the clip). Such clips are tagged "exits".
       exit_depth=0.0,
+      # Share of training clips whose shape enters the frame across its start edge (the time mirror of an
+      # exit; tagged "enters"). Off (experiments/sampling/README.md).
+      enter_fraction=0.0,
   )
   # 2x2 pixel patchify + one 2x downsampling level: 4x space, 2x time (9 frames -> 5 latent frames), 16
   # latent channels. Patchifying first keeps most convolutions at 16x16, 3.4x cheaper per step on CPU.

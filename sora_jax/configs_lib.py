@@ -198,6 +198,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("dit.width", dit.width, f"head dim {head_dim} must be even and >= 6 for 3D RoPE (t, h, w pairs)")
   if not 0.0 <= config.data.get("exit_fraction", 0.0) <= 1.0:
     _fail("data.exit_fraction", config.data.exit_fraction, "must be in [0, 1]")
+  if not 0.0 <= config.data.get("enter_fraction", 0.0) <= 1.0 - config.data.get("exit_fraction", 0.0):
+    _fail("data.enter_fraction", config.data.enter_fraction, "must be in [0, 1 - data.exit_fraction]")
   if not 0.0 <= config.data.get("exit_depth", 0.0) <= 1.0:
     _fail("data.exit_depth", config.data.exit_depth, "must be in [0, 1] (a fraction of the shape's travel)")
   if "scan_unroll" in dit:

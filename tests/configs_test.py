@@ -48,6 +48,7 @@ def test_parse_arg_types_and_errors():
     ("dit.scan_unroll", 0, r"config.dit.scan_unroll=0: must be positive"),
     ("dit.text_proj", True, r"config.dit.text_proj=True: projects the text for cross-attention, which this"),
     ("data.exit_fraction", 1.5, r"config.data.exit_fraction=1.5: must be in \[0, 1\]"),
+    ("data.enter_fraction", 1.5, r"config.data.enter_fraction=1.5: must be in \[0, 1 - data.exit_fraction\]"),
     ("data.exit_depth", -0.5, r"config.data.exit_depth=-0.5: must be in \[0, 1\] \(a fraction of the shape's travel\)"),
     ("cond.tag_strategies.exits", "middle", r"config.cond.tag_strategies.exits='middle': choose a frame-conditioning"),
     ("text.pool", "max", r"config.text.pool='max': must be 'mean', 'words' or 'words_sum'"),

@@ -55,7 +55,8 @@ def vae_dataset(config, *, seed: int, batch_size: int) -> grain.IterDataset:
     for k, size in enumerate(sizes):
       src = synthetic.SyntheticVideos(SYNTHETIC_LENGTH, [tuple(size)], split="train", seed=seed + 7919 * k,
                                       exit_fraction=config.data.get("exit_fraction", 0.0),
-                                      exit_depth=config.data.get("exit_depth", 0.0))
+                                      exit_depth=config.data.get("exit_depth", 0.0),
+                                      enter_fraction=config.data.get("enter_fraction", 0.0))
       ds = _per_host(grain.MapDataset.source(src)).map(_to_float_video)
       per_size.append(ds.batch(batch_size, drop_remainder=True))
     ds = grain.MapDataset.mix(per_size, weights=list(weights)) if len(per_size) > 1 else per_size[0]

@@ -420,11 +420,14 @@ def synthetic_dataset(config, *, split: str, seed: int, num_samples: int,
   sizes = [tuple(s) for s in (sizes if sizes is not None else config.data.sizes)]
   weights = list(size_weights if size_weights is not None else
                  (config.data.size_weights if sizes == [tuple(s) for s in config.data.sizes] else [1.0] * len(sizes)))
-  # Shapes leaving the frame are a training-data option; held-out and evaluation clips stay in frame.
-  exit_fraction = config.data.get("exit_fraction", 0.0) if split == "train" else 0.0
-  return grain.MapDataset.source(synthetic.SyntheticVideos(num_samples, sizes, weights, split=split, seed=seed,
-                                                           exit_fraction=exit_fraction,
-                                                           exit_depth=config.data.get("exit_depth", 0.0)))
+  # Shapes leaving or entering the frame are a training-data option; held-out and evaluation clips stay in
+  # frame.
+  train = split == "train"
+  return grain.MapDataset.source(synthetic.SyntheticVideos(
+      num_samples, sizes, weights, split=split, seed=seed,
+      exit_fraction=config.data.get("exit_fraction", 0.0) if train else 0.0,
+      exit_depth=config.data.get("exit_depth", 0.0),
+      enter_fraction=config.data.get("enter_fraction", 0.0) if train else 0.0))
 
 
 def _is_not_image(record: dict) -> bool:

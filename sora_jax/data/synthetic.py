@@ -49,8 +49,9 @@ ATTRIBUTES = dict(
     background=BACKGROUNDS,
 )
 ATTRIBUTE_NAMES = tuple(ATTRIBUTES)
-# The `tags` of a clip whose shape leaves the frame.
+# The `tags` of a clip whose shape leaves the frame, and of one whose shape enters it.
 EXIT_TAG = "exits"
+ENTER_TAG = "enters"
 
 # Shape extent (bounding box side) as a fraction of min(H, W).
 SIZE_FRACTION = {"small": 0.24, "large": 0.42}
@@ -139,17 +140,19 @@ def sample_attributes(index: int, split: str = "train", seed: int = 0) -> dict[s
   return attrs
 
 
-def _trajectory(attrs, frames, height, width, extent, rng, exit_fraction=0.0, extend=(0, 0), exit_depth=0.0):
+def _trajectory(attrs, frames, height, width, extent, rng, exit_fraction=0.0, extend=(0, 0), exit_depth=0.0,
+                enter_fraction=0.0):
   """Per-frame shape centres (rows, cols) in pixel units, float [extend[0] + T + extend[1]] each, and
-  whether the shape leaves the frame.
+  whether the shape leaves the frame (`EXIT_TAG`), enters it (`ENTER_TAG`) or neither ("").
 
   With probability `exit_fraction` the travel ends past the far edge: the clip shows the shape leaving the
   frame. With `exit_depth` 0 the last centre lies between on the edge (half the shape out) and just fully
   outside; with `exit_depth` d > 0 it lies up to d x the travel past the edge (but the whole shape is in
-  the first frame), so the shape may cross the edge early and leave the rest of the clip empty. No draw is
-  made when `exit_fraction` is 0, so those clips are exactly the in-frame ones. `extend` = (before, after)
-  adds frames on either side at the clip's own speed and zigzag phase: the clip's past and future had it
-  kept moving.
+  the first frame), so the shape may cross the edge early and leave the rest of the clip empty. With
+  probability `enter_fraction` (another share of the clips) the travel is the same in reverse time: it
+  starts past the start edge and the shape enters the frame. No draw is made when both are 0, so those
+  clips are exactly the in-frame ones. `extend` = (before, after) adds frames on either side at the clip's
+  own speed and zigzag phase: the clip's past and future had it kept moving.
   """
   horizontal = attrs["direction"] in ("left", "right")
   sign = 1.0 if attrs["direction"] in ("right", "down") else -1.0
@@ -166,12 +169,19 @@ def _trajectory(attrs, frames, height, width, extent, rng, exit_fraction=0.0, ex
     start = along_len - start
   perp_room = max(perp_len - extent - 2 * margin - 2 * amp, 0.0)
   perp = half + margin + amp + rng.uniform(0.0, perp_room)
-  exits = False
-  if exit_fraction > 0 and rng.uniform() < exit_fraction:
-    exits = frames > 1  # an image shows its start position only
+  crossing = ""
+  u = rng.uniform() if exit_fraction > 0 or enter_fraction > 0 else 1.0
+  if u < exit_fraction + enter_fraction:
     depth = half + margin if exit_depth <= 0 else max(min(exit_depth * disp, disp - half - margin), half + margin)
-    end = rng.uniform(along_len, along_len + depth)  # distance from the start edge
-    start = end - disp if sign > 0 else along_len - (end - disp)
+    if u < exit_fraction:
+      crossing = EXIT_TAG
+      begin = rng.uniform(along_len, along_len + depth) - disp  # the start's distance from the start edge
+    else:
+      crossing = ENTER_TAG
+      begin = -rng.uniform(0.0, depth)  # on the start edge (half the shape out) to just fully outside
+    start = begin if sign > 0 else along_len - begin
+    if frames == 1:  # an image shows its start position only: no crossing to see
+      crossing = ""
 
   before, after = extend
   index = np.arange(-before, frames + after)
@@ -184,19 +194,20 @@ def _trajectory(attrs, frames, height, width, extent, rng, exit_fraction=0.0, ex
   period = max(4.0, (frames - 1) / 2)
   offset = amp * np.cos(2 * np.pi * (index - (frames - 1) / 2) / period)
   perp = perp + offset
-  return ((perp, along) if horizontal else (along, perp)), exits
+  return ((perp, along) if horizontal else (along, perp)), crossing
 
 
 def render(attrs: Mapping[str, str], frames: int, height: int, width: int,
            seed: int = 0, exit_fraction: float = 0.0, extend: tuple[int, int] = (0, 0),
-           exit_depth: float = 0.0, with_exit: bool = False):
+           exit_depth: float = 0.0, with_tag: bool = False, enter_fraction: float = 0.0):
   """Renders the clip described by `attrs` as uint8 [frames, height, width, 3].
 
   Any size works; one frame is an image (the shape at its start position).
   The start position and speed come from `seed`; the shape travels 35-50% of
   the frame along its direction and stays inside the frame, except in the
   `exit_fraction` of clips where it leaves across the far edge (by the end of the clip, or with
-  `exit_depth` > 0 anywhere in it, see `_trajectory`). `with_exit`: also return whether it leaves.
+  `exit_depth` > 0 anywhere in it, see `_trajectory`) and the `enter_fraction` where it enters across the
+  start edge. `with_tag`: also return `EXIT_TAG`, `ENTER_TAG` or "" (neither).
   `extend` = (before, after) also renders that many frames of the clip's past and future, the motion carried
   on at the same speed (the shape may leave the frame there): [before + frames + after, H, W, 3], with
   the clip itself at [before:before + frames]. Evaluation uses it as the true continuation of a clip.
@@ -207,8 +218,8 @@ def render(attrs: Mapping[str, str], frames: int, height: int, width: int,
     raise ValueError(f"extend must be (frames before, frames after) >= 0, got {extend!r}")
   rng = _rng(seed, 2)
   extent = SIZE_FRACTION[attrs["size"]] * min(height, width)
-  (rows, cols), exits = _trajectory(attrs, frames, height, width, extent, rng, exit_fraction, tuple(extend),
-                                   exit_depth)
+  (rows, cols), tag = _trajectory(attrs, frames, height, width, extent, rng, exit_fraction, tuple(extend),
+                                  exit_depth, enter_fraction)
   rows, cols = rows.astype(np.float32), cols.astype(np.float32)
 
   # Offsets of pixel centres from the shape centre, [T, H, 1] and [T, 1, W].
@@ -231,7 +242,7 @@ def render(attrs: Mapping[str, str], frames: int, height: int, width: int,
   video = np.empty(mask.shape + (3,), np.uint8)
   for c in range(3):
     video[..., c] = np.where(mask, np.uint8(fg[c]), np.uint8(bg[c]))
-  return (video, exits) if with_exit else video
+  return (video, tag) if with_tag else video
 
 
 def _clip_seed(seed: int, index: int, split: str) -> int:
@@ -245,14 +256,15 @@ class SyntheticVideos:
   Each index picks one of `sizes` ((frames, height, width) tuples) with
   probability proportional to `size_weights`, its attributes from `split`, and
   its start position and speed; all deterministically from (seed, index).
-  `exit_fraction`: the share of clips whose shape leaves the frame, `exit_depth` how far past the edge
-  (see `render`). Examples are {video, caption, labels, index, tags}; `tags` is "exits" for a clip whose
-  shape leaves the frame, else "" (`cond.tag_strategies` can give such clips their own frame conditioning).
+  `exit_fraction`: the share of clips whose shape leaves the frame, `exit_depth` how far past the edge,
+  `enter_fraction` the share whose shape enters it (see `render`). Examples are {video, caption, labels,
+  index, tags}; `tags` is "exits" for a clip whose shape leaves the frame, "enters" for one whose shape
+  enters it, else "" (`cond.tag_strategies` can give such clips their own frame conditioning).
   """
 
   def __init__(self, num_samples: int, sizes: Sequence[tuple[int, int, int]],
                size_weights: Sequence[float] | None = None, split: str = "train",
-               seed: int = 0, exit_fraction: float = 0.0, exit_depth: float = 0.0):
+               seed: int = 0, exit_fraction: float = 0.0, exit_depth: float = 0.0, enter_fraction: float = 0.0):
     if split not in _SPLITS:
       raise ValueError(f"split must be one of {tuple(_SPLITS)}, got {split!r}")
     if not sizes:
@@ -269,6 +281,10 @@ class SyntheticVideos:
     if not 0.0 <= exit_fraction <= 1.0:
       raise ValueError(f"exit_fraction must be in [0, 1], got {exit_fraction!r}")
     self.exit_fraction = float(exit_fraction)
+    if not 0.0 <= enter_fraction <= 1.0 - self.exit_fraction:
+      raise ValueError(f"enter_fraction must be in [0, 1 - exit_fraction] = [0, {1.0 - self.exit_fraction}], "
+                       f"got {enter_fraction!r}")
+    self.enter_fraction = float(enter_fraction)
     if not 0.0 <= exit_depth <= 1.0:
       raise ValueError(f"exit_depth must be in [0, 1], got {exit_depth!r}")
     self.exit_depth = float(exit_depth)
@@ -287,15 +303,16 @@ class SyntheticVideos:
       raise IndexError(f"index {index} out of range [0, {self.num_samples})")
     attrs = sample_attributes(index, self.split, self.seed)
     frames, height, width = self.size_of(index)
-    video, exits = render(attrs, frames, height, width, _clip_seed(self.seed, index, self.split),
-                          self.exit_fraction, extend, self.exit_depth, with_exit=True)
-    return attrs, video, exits
+    video, tag = render(attrs, frames, height, width, _clip_seed(self.seed, index, self.split),
+                        self.exit_fraction, extend, self.exit_depth, with_tag=True,
+                        enter_fraction=self.enter_fraction)
+    return attrs, video, tag
 
   def __getitem__(self, index: int) -> dict:
     index = int(index)
-    attrs, video, exits = self._render(index)
+    attrs, video, tag = self._render(index)
     return dict(video=video, caption=caption(attrs), labels=labels_of(attrs), index=index,
-                tags=EXIT_TAG if exits else "")
+                tags=tag)
 
   def extended(self, index: int, before: int, after: int) -> np.ndarray:
     """Clip `index` with `before` frames of its past and `after` of its future (see `render`'s `extend`)."""

@@ -321,3 +321,34 @@ def test_config_exits_reach_training_clips_only():
   heldout = sources.synthetic_dataset(config, split="heldout", seed=0, num_samples=60)
   assert 10 < sum(train[i]["tags"] == synthetic.EXIT_TAG for i in range(60)) < 40
   assert all(heldout[i]["tags"] == "" for i in range(60))
+
+
+@pytest.mark.parametrize("size", [(9, 32, 32), (9, 32, 48)])
+def test_render_enter_is_the_time_mirror_of_an_exit(size):
+  # An entering shape is partly outside the start edge in the first frame, moves the captioned way, and is
+  # whole (up to rasterisation) by the last; the clip tags say which clips cross.
+  frames, height, width = size
+  d = {"left": (1, -1), "right": (1, 1), "up": (0, -1), "down": (0, 1)}
+  for k, attrs in enumerate(ALL_COMBOS[::11]):
+    video, tag = synthetic.render(attrs, frames, height, width, seed=k, enter_fraction=1.0, with_tag=True)
+    assert tag == synthetic.ENTER_TAG
+    fg = (video == np.array(synthetic.PALETTE[attrs["color"]], np.uint8)).all(-1)
+    area = fg.sum((1, 2))
+    assert area[-1] > 0 and area[0] < 0.7 * area[-1], attrs  # at least half outside at first, then in
+    axis, sign = d[attrs["direction"]]
+    seen = area > 0
+    c = _centroids(video[seen], attrs["background"])
+    assert sign * (c[-1, axis] - c[0, axis]) > 0, attrs
+    profile = fg[seen][0].any(1 - axis)  # on its first visible frame the shape touches the start edge
+    assert profile[0 if sign > 0 else -1], attrs
+  src = synthetic.SyntheticVideos(200, [(9, 32, 32), (1, 32, 32)], exit_fraction=0.25, enter_fraction=0.25)
+  tags = [src[i]["tags"] for i in range(len(src))]
+  assert 20 < tags.count(synthetic.EXIT_TAG) < 60 and 20 < tags.count(synthetic.ENTER_TAG) < 60
+  assert all(t == "" for i, t in enumerate(tags) if src[i]["video"].shape[0] == 1)  # images never cross
+  # Adding entries keeps the exit clips exactly (one draw decides both).
+  exits_only = synthetic.SyntheticVideos(200, [(9, 32, 32), (1, 32, 32)], exit_fraction=0.25)
+  for i, t in enumerate(tags):
+    if t == synthetic.EXIT_TAG or exits_only[i]["tags"] == synthetic.EXIT_TAG:
+      np.testing.assert_array_equal(src[i]["video"], exits_only[i]["video"])
+  with pytest.raises(ValueError, match=r"enter_fraction must be in \[0, 1 - exit_fraction\]"):
+    synthetic.SyntheticVideos(4, [(9, 32, 32)], exit_fraction=0.5, enter_fraction=0.6)
