@@ -17,7 +17,8 @@ without). Ours encodes and decodes chunked (first frame alone, then one latent f
 does. The ref venv needs torch (CPU) and diffusers;
 with `--ref_python=''` only ours runs.
 Ours also reports XLA's compiled memory analysis (`xla_argument_mb`, `xla_temp_mb`); `--memory_analysis`
-reports only that, compiling without running (a minute instead of several).
+reports only that, compiling without running (a minute instead of several); with `--tpu_topology=v5p:2x2x1`
+(or another libtpu topology name) it compiles ours for one chip of that TPU instead, on this host.
 `--rounds=N` runs N rounds of the two processes per size, alternating which goes first, and reports the
 median of the per-round time ratios (the machine is shared: single runs move by about 1 s in 15).
 Last line: one JSON object with `time_ratio` and `peak_memory_ratio` (ours / peer, at the first size), and
@@ -150,7 +151,43 @@ def _run_worker(python: str, impl: str, size: str, common: list, env: dict, *ext
   return json.loads(out.strip().splitlines()[-1])
 
 
+def _encode_decode(graphdef, chunk):
+  """(params, rest, pixels) -> the chunked encode + decode, as both sides run it."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  def encode_decode(params, rest, x):
+    m = nnx.merge(graphdef, params, rest)
+    mean, _ = m.encode(x, chunk=chunk)
+    return m.decode(mean, chunk=chunk)
+  return encode_decode
+
+
+def tpu_memory(args, t, h, w) -> dict:
+  """XLA's memory analysis of ours' pass compiled for one chip of the TPU topology `--tpu_topology`
+  (libtpu's compiler on this host, as tools/aot_compile.py does; nothing is allocated)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  from sora_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
+  from sora_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  devices = topologies.get_topology_desc(platform="tpu", topology_name=args.tpu_topology).devices
+  mesh = mesh_lib.make_mesh((("data", 1), ("fsdp", 1), ("context", 1), ("tensor", 1)), devices=devices[:1])
+  dtype = vae_lib.INFERENCE_DTYPES[args.dtype]
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  with mesh_lib.use(mesh, mesh_lib.VAE_RULES):
+    graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: _ours_vae(args)), nnx.Param, ...)
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype, sharding=replicated), params)
+    rest = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), rest)
+    x = jax.ShapeDtypeStruct((1, t, h, w, 3), jnp.float32, sharding=replicated)
+    ma = jax.jit(_encode_decode(graphdef, args.chunk or None)).lower(params, rest, x).compile().memory_analysis()
+  return {"xla_argument_mb": ma.argument_size_in_bytes / 2**20, "xla_temp_mb": ma.temp_size_in_bytes / 2**20,
+          "device_kind": devices[0].device_kind}
+
+
 def run_ours(args, t, h, w) -> dict:
+  if args.tpu_topology:
+    return tpu_memory(args, t, h, w)
   settings = _apply_ours_settings(args)
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -168,14 +205,7 @@ def run_ours(args, t, h, w) -> dict:
   params = jax.tree.map(lambda a: a.astype(vae_lib.INFERENCE_DTYPES[args.dtype]), params)
   del model
   state = (params, rest)
-  chunk = args.chunk or None
-
-  @jax.jit
-  def encode_decode(state, x):
-    m = nnx.merge(graphdef, *state)
-    mean, _ = m.encode(x, chunk=chunk)
-    return m.decode(mean, chunk=chunk)
-
+  encode_decode = jax.jit(lambda state, x: _encode_decode(graphdef, args.chunk or None)(*state, x))
   x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, t, h, w, 3)).astype(np.float32))
   stages["rss_with_weights_mb"] = _rss_mb()
   compiled = encode_decode.lower(state, x).compile()
@@ -395,6 +425,9 @@ def main():
   p.add_argument("--worker", default="", help="internal: ours|peer|ours_layers|peer_layers:TxHxW")
   p.add_argument("--memory_analysis", action="store_true",
                  help="only compile ours and report XLA's memory analysis (arguments, temporaries) per size")
+  p.add_argument("--tpu_topology", default="",
+                 help="with --memory_analysis: compile ours for one chip of this TPU topology instead (e.g. "
+                 "v5p:2x2x1; needs libtpu, `pip install -e .[tpu]`)")
   args = p.parse_args()
 
   if args.worker:
@@ -413,8 +446,10 @@ def main():
   common = ["--base", str(args.base), "--repeats", str(args.repeats), "--chunk", str(args.chunk),
             "--layout", args.layout, "--trim", str(args.trim), "--fold_taps", args.fold_taps,
             "--cpu_settings", str(args.cpu_settings), "--dtype", args.dtype, "--ref_dtype", args.ref_dtype]
+  if args.tpu_topology and not args.memory_analysis:
+    p.error("--tpu_topology compiles without running: add --memory_analysis")
   if args.memory_analysis:
-    common.append("--memory_analysis")
+    common += ["--memory_analysis", "--tpu_topology", args.tpu_topology]
   ours_env = bench_env.parse_pairs(args.ours_env)
   if args.layers:
     print(json.dumps(layers_summary(args, common, ours_env)))
