@@ -176,11 +176,12 @@ def _trajectory(attrs, frames, height, width, extent, rng, exit_fraction=0.0, ex
     if u < exit_fraction:
       crossing = EXIT_TAG
       begin = rng.uniform(along_len, along_len + depth) - disp  # the start's distance from the start edge
-    else:
+      start = begin if sign > 0 else along_len - begin
+    elif frames > 1:  # an image shows its start position only, which an entering shape would have outside
       crossing = ENTER_TAG
       begin = -rng.uniform(0.0, depth)  # on the start edge (half the shape out) to just fully outside
-    start = begin if sign > 0 else along_len - begin
-    if frames == 1:  # an image shows its start position only: no crossing to see
+      start = begin if sign > 0 else along_len - begin
+    if frames == 1:  # no crossing to see in an image
       crossing = ""
 
   before, after = extend

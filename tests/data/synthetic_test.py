@@ -345,6 +345,8 @@ def test_render_enter_is_the_time_mirror_of_an_exit(size):
   tags = [src[i]["tags"] for i in range(len(src))]
   assert 20 < tags.count(synthetic.EXIT_TAG) < 60 and 20 < tags.count(synthetic.ENTER_TAG) < 60
   assert all(t == "" for i, t in enumerate(tags) if src[i]["video"].shape[0] == 1)  # images never cross
+  np.testing.assert_array_equal(synthetic.render(ALL_COMBOS[0], 1, 32, 32, seed=3, enter_fraction=1.0),
+                                synthetic.render(ALL_COMBOS[0], 1, 32, 32, seed=3))  # nor are they cut
   # Adding entries keeps the exit clips exactly (one draw decides both).
   exits_only = synthetic.SyntheticVideos(200, [(9, 32, 32), (1, 32, 32)], exit_fraction=0.25)
   for i, t in enumerate(tags):
