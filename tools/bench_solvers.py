@@ -14,7 +14,7 @@ r"""Quality against steps: prompt adherence of held-out prompts per solver and s
    first frames are the given ones, and `continuation`, the last given frame and every frame generated after
    it (whether the new frames keep going), next to `continuation_true`, the same frames of the clip's true
    past or future (its motion carried on), the ceiling, and `continuation_speed`: how much of the true
-   continuation's motion the new frames keep (`speed_kept`: 1 the same velocity, 0 stopped or sideways,
+   continuation's motion the new frames keep (`scorer.speed_kept`: 1 the same velocity, 0 stopped or sideways,
    below 0 reversed). `--context_frames` sets how many latent frames they are given.
 The last line printed is one JSON object with all figures.
 """
@@ -56,29 +56,6 @@ COND_MODES = {
     "extend_backward_half": ("extend_backward", "video", lambda t: (t // 2, t)),
 }
 EXTENSIONS = ("extend_forward", "extend_backward")
-
-
-def speed_kept(videos, true_videos) -> dict:
-  """How much of the true continuation's motion the generated one keeps: per clip, its centroid velocity
-  projected on the true one's, over the true one's speed (1: same speed and direction, 0: stopped or
-  sideways, < 0: reversed; no shape counts 0). Median and quartiles over the clips whose true continuation
-  moves, and the true continuations' median speed (frame fractions per frame)."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from sora_jax.eval import scorer  # pylint: disable=import-outside-toplevel
-  kept, speeds = [], []
-  for video, true in zip(videos, true_videos):
-    v_true = scorer.velocity(true)
-    if v_true is None or not np.any(v_true):
-      continue
-    v = scorer.velocity(video)
-    speed = float(np.linalg.norm(v_true))
-    speeds.append(speed)
-    kept.append(0.0 if v is None else float(v @ v_true) / speed ** 2)
-  if not kept:
-    return {"clips": 0}
-  q1, median, q3 = np.quantile(kept, [0.25, 0.5, 0.75])
-  return {"clips": len(kept), "median": float(median), "quartiles": [float(q1), float(q3)],
-          "true_speed": float(np.median(speeds))}
 
 
 def main(argv):
@@ -159,7 +136,7 @@ def main(argv):
         start = before + (b - 1 if sample_mode == "extend_forward" else a - generated)
         true = [src.extended(i, before, after)[start:start + generated + 1] for i in range(n)]
         result["cond"][mode]["continuation_true"] = scorer.prompt_adherence(true, cond_labels, COND_ATTRIBUTES)
-        result["cond"][mode]["continuation_speed"] = speed_kept(new, true)
+        result["cond"][mode]["continuation_speed"] = scorer.speed_kept(new, true)
       print(json.dumps({mode: result["cond"][mode]}), flush=True)
   print(json.dumps(result))
 

@@ -175,6 +175,27 @@ def velocity(video) -> np.ndarray | None:
   return np.array([_slope(cy, t) / height, _slope(cx, t) / width])
 
 
+def speed_kept(videos, true_videos) -> dict:
+  """How much of the true continuation's motion the generated one keeps: per clip, its centroid velocity
+  projected on the true one's, over the true one's speed (1: same speed and direction, 0: stopped or
+  sideways, < 0: reversed; no shape counts 0). Median and quartiles over the clips whose true continuation
+  moves, and the true continuations' median speed (frame fractions per frame)."""
+  kept, speeds = [], []
+  for video, true in zip(videos, true_videos):
+    v_true = velocity(true)
+    if v_true is None or not np.any(v_true):
+      continue
+    v = velocity(video)
+    speed = float(np.linalg.norm(v_true))
+    speeds.append(speed)
+    kept.append(0.0 if v is None else float(v @ v_true) / speed ** 2)
+  if not kept:
+    return {"clips": 0}
+  q1, median, q3 = np.quantile(kept, [0.25, 0.5, 0.75])
+  return {"clips": len(kept), "median": float(median), "quartiles": [float(q1), float(q3)],
+          "true_speed": float(np.median(speeds))}
+
+
 def score_video(video) -> dict:
   """Predicts attribute values (names from `synthetic.ATTRIBUTES`) of one clip.
 
