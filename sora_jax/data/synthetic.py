@@ -173,16 +173,13 @@ def _trajectory(attrs, frames, height, width, extent, rng, exit_fraction=0.0, ex
   u = rng.uniform() if exit_fraction > 0 or enter_fraction > 0 else 1.0
   if u < exit_fraction + enter_fraction:
     depth = half + margin if exit_depth <= 0 else max(min(exit_depth * disp, disp - half - margin), half + margin)
-    if u < exit_fraction:
-      crossing = EXIT_TAG
-      begin = rng.uniform(along_len, along_len + depth) - disp  # the start's distance from the start edge
+    entering = u >= exit_fraction
+    if not (entering and frames == 1):  # an image shows its start position, which an entering shape has outside
+      # The start's distance from the start edge: an exit's travel ends past the far edge; an entry starts on
+      # the start edge (half the shape out) to just fully outside.
+      begin = -rng.uniform(0.0, depth) if entering else rng.uniform(along_len, along_len + depth) - disp
       start = begin if sign > 0 else along_len - begin
-    elif frames > 1:  # an image shows its start position only, which an entering shape would have outside
-      crossing = ENTER_TAG
-      begin = -rng.uniform(0.0, depth)  # on the start edge (half the shape out) to just fully outside
-      start = begin if sign > 0 else along_len - begin
-    if frames == 1:  # no crossing to see in an image
-      crossing = ""
+      crossing = "" if frames == 1 else ENTER_TAG if entering else EXIT_TAG  # no crossing to see in an image
 
   before, after = extend
   index = np.arange(-before, frames + after)
