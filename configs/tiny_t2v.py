@@ -112,10 +112,11 @@ def get_config(arg=None):
   # continues the given clip's direction more often (experiments/tiny_t2v/README.md, runs D9-D19).
   c.cond = dict(mask_ratios=dict(none=0.5, first=0.1, last=0.05, first_last=0.05, prefix=0.15, suffix=0.05,
                                  random=0.1), start_step=dit_steps // 2,
-                # {tag: strategy}: clips whose `tags` hold the tag always train with that strategy ('': the mix),
-                # and not at all before start_step. exits=prefix (clips that leave the frame only ever as
-                # continuations) did not teach extension past the end of a travel and cost the caption its hold
-                # on direction (0.26; experiments/sampling/README.md).
+                # {tag: strategy}: clips whose `tags` hold the tag always train with that strategy, and not at
+                # all before start_step; '' (as here) trains them like any other clip: the mix, from step 0.
+                # exits=prefix (clips that leave the frame only ever as continuations) did not teach extension
+                # past the end of a travel and cost the caption its hold on direction (0.26;
+                # experiments/sampling/README.md).
                 tag_strategies=dict(exits=""))
   # 128 held-out prompts: one standard error of an accuracy near 0.3 is 0.04 (0.08 at 32), about 10 s more.
   # use_ema=False: the demo samples the trained weights, not their EMA. Over 2,000 steps an EMA at 0.999

@@ -77,7 +77,8 @@ def main(argv):
   prompts = synthetic.heldout_prompts(n, size, seed=config.seed)
   labels = [p["labels"] for p in prompts]
   result = {"workdir": _WORKDIR.value, "dit_step": models.dit_step, "num_prompts": n,
-            "guidance": config.sample.guidance, "t2v": []}
+            "guidance": config.sample.guidance, "guidance_image": config.sample.get("guidance_image", 1.0),
+            "t2v": []}
   for solver in _SOLVERS.value:
     for steps in (int(s) for s in _STEPS.value):
       t0 = time.perf_counter()
