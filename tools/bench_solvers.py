@@ -85,7 +85,8 @@ def main(argv):
       videos, _ = generate.generate_with(config, models, mesh, prompts, steps=steps, solver=solver,
                                          write_files=False)
       row = {"solver": solver, "steps": steps, "model_calls": 2 * steps - 1 if solver == "heun" else steps,
-             "seconds": round(time.perf_counter() - t0, 1), **scorer.prompt_adherence(videos, labels)}
+             "seconds": round(time.perf_counter() - t0, 1), **scorer.prompt_adherence(videos, labels),
+             "layout": scorer.layout(videos, labels)}
       print(json.dumps(row), flush=True)
       result["t2v"].append(row)
 

@@ -178,3 +178,37 @@ def test_speed_kept_reads_same_half_stopped_and_reversed_motion():
   assert got["median"] == pytest.approx((0.5 + 0.0) / 2)  # of 1, 0.5, 0, -1
   assert got["quartiles"] == pytest.approx([-0.25, 0.625])
   assert scorer.speed_kept([_moving(2)], [_moving(0)]) == {"clips": 0}
+
+
+def test_endpoints_are_the_first_and_last_centroids_from_the_frame_centre():
+  video = np.zeros((8, 32, 48, 3), np.uint8)
+  for t in range(8):
+    video[t, 4 + t:10 + t, 3 + 2 * t:9 + 2 * t] = (255, 60, 0)
+  # Centroids (7, 6) in frame 0 and (14, 20) in frame 7, in pixels of a 32 x 48 frame.
+  np.testing.assert_allclose(scorer.endpoints(video), [[7 / 32 - 0.5, 6 / 48 - 0.5], [14 / 32 - 0.5, 20 / 48 - 0.5]],
+                             atol=1e-6)
+  video[:2] = 0  # the shape appears late: its first centroid is where it is first seen
+  np.testing.assert_allclose(scorer.endpoints(video)[0], [9 / 32 - 0.5, 10 / 48 - 0.5], atol=1e-6)
+  assert scorer.endpoints(np.zeros((8, 32, 48, 3), np.uint8)) is None
+
+
+def test_layout_tells_which_end_of_a_clip_is_off():
+  # In-frame clips start behind the centre and end ahead of it along their direction; the same clips played
+  # backwards, with their labels kept, read the other way; shapes leaving the frame start ahead of it.
+  src = synthetic.SyntheticVideos(24, [(9, 32, 32)], split="heldout", seed=3)
+  clips = [src[i] for i in range(24)]
+  videos, labels = [c["video"] for c in clips], [c["labels"] for c in clips]
+  got = scorer.layout(videos, labels)
+  assert got["clips"] == 24 and got["start_behind"] == 1.0 and got["end_ahead"] == 1.0
+  assert got["start"] < -0.1 < 0.1 < got["end"]
+  back = scorer.layout([v[::-1] for v in videos], labels)
+  assert back["start_behind"] == 0.0 and back["end_ahead"] == 0.0
+  assert back["start"] == pytest.approx(got["end"]) and back["end"] == pytest.approx(got["start"])
+  leaving = synthetic.SyntheticVideos(24, [(9, 32, 32)], split="heldout", seed=3, exit_fraction=1.0)
+  assert scorer.layout([leaving[i]["video"] for i in range(24)], labels)["start_behind"] < 0.1
+  # Images and unknown directions are not counted; no shape at all gives no figures.
+  unknown = np.array(labels)
+  unknown[:, synthetic.ATTRIBUTE_NAMES.index("direction")] = -1
+  assert scorer.layout(videos, unknown) == {"clips": 0}
+  assert scorer.layout([v[:1] for v in videos], labels) == {"clips": 0}
+  assert scorer.layout([np.zeros_like(videos[0])], labels[:1]) == {"clips": 0}
