@@ -117,7 +117,7 @@ def get_config(arg=None):
                 # exits=prefix (clips that leave the frame only ever as continuations) did not teach extension
                 # past the end of a travel and cost the caption its hold on direction (0.26;
                 # experiments/sampling/README.md).
-                tag_strategies=dict(exits=""))
+                tag_strategies=dict(exits="", enters=""))
   # 128 held-out prompts: one standard error of an accuracy near 0.3 is 0.04 (0.08 at 32), about 10 s more.
   # use_ema=False: the demo samples the trained weights, not their EMA. Over 2,000 steps an EMA at 0.999
   # (a 1,000-step average) lags a model still learning direction: on nine demo workdirs the raw weights

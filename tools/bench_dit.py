@@ -23,7 +23,7 @@ weights, one whole training step timed:
   MSE against noise - x0, timestep 1000 t), `clip_grad_norm_(1.0)`, `torch.optim.AdamW` (betas (0.9, 0.99)
   and weight decay 0.01, as ours).
 Each side lives in its own worker process (ours in this interpreter, the peer in `--ref_python`, a venv with
-torch and diffusers), both pinned to the same `--threads` cores (sched_setaffinity: XLA sizes its pool from
+torch and diffusers; ours with mimalloc preloaded as `make demo` runs it, `--ours_allocator`), both pinned to the same `--threads` cores (sched_setaffinity: XLA sizes its pool from
 it; torch.set_num_threads). Workers build, compile and warm up once, then the parent alternates them for
 `--rounds` rounds of `--steps` timed steps (the order flips every round; `--round_warmup` untimed steps
 first, on both sides), so both see the same noise on a shared machine; the idle worker blocks on a pipe. Each timed step also records the share of the machine's
@@ -95,8 +95,11 @@ def _define_flags():
   flags.DEFINE_multi_string("set", [], "KEY=VALUE override of ours' config (repeatable), e.g. "
                             "dit.scan_layers=False, for what-if runs; the FLOP count uses the same config.")
   flags.DEFINE_string("impls", "ours,peer", "Which sides to run.")
-  flags.DEFINE_multi_string("ours_env", [], "KEY=VALUE environment variable for ours' worker only (repeatable), "
-                            "e.g. an LD_PRELOAD allocator; the peer keeps this process's environment.")
+  flags.DEFINE_enum("ours_allocator", "auto", ["auto", "mimalloc", "system"],
+                    "Allocator of ours' worker: mimalloc preloaded as `make demo` runs it (auto: when installed), "
+                    "or the C library's malloc. The peer keeps this process's.")
+  flags.DEFINE_multi_string("ours_env", [], "KEY=VALUE environment variable for ours' worker only (repeatable; "
+                            "over --ours_allocator's); the peer keeps this process's environment.")
   flags.DEFINE_enum("peer_adamw", "default", ["default", "foreach", "fused"],
                     "torch AdamW implementation (default: what torch picks for CPU tensors).")
   flags.DEFINE_bool("breakdown", False, "After the rounds, time the step's parts in each worker: forward "
@@ -661,14 +664,15 @@ def main(argv):
     return
 
   impls = [i for i in F.impls.split(",") if i and not (i == "peer" and not F.ref_python)]
-  ours_env = bench_env.parse_pairs(F.ours_env)
+  ours_env = {**bench_env.allocator_env(F.ours_allocator), **bench_env.parse_pairs(F.ours_env)}
   common = [f"--{n}={args[n]}" for n in names] + [f"--set={v}" for v in F.set]
   config = _config(args)
   flop = step_flops(config)
   load_start = os.getloadavg()[0]
   machine = bench_env.host()
   print(f"host: {machine['cpu_model']}, AVX-512 {'yes' if machine['avx512'] else 'no'}, "
-        f"{machine['cores']} cores", flush=True)
+        f"{machine['cores']} cores; ours' allocator: {ours_env.get('LD_PRELOAD') or 'the system malloc'}",
+        flush=True)
   print(f"step: {flop / 1e9:.1f} GFLOP analytic (batch {args['batch']} x {config.train_dit.seq_len} video "
         f"+ {args['text_tokens']} text tokens, {args['layers']} layers of width {args['width']})", flush=True)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sysconfig
 from collections.abc import Iterable
 
 # Variables a side-by-side run records for each side, besides those that --ours_env sets.
@@ -18,6 +19,32 @@ def parse_pairs(pairs: Iterable[str], flag: str = "--ours_env") -> dict[str, str
       raise SystemExit(f"{flag}={kv!r}: expected KEY=VALUE")
     out[key] = value
   return out
+
+
+# mimalloc's settings when preloaded, as `make demo` runs: freed pages stay mapped, on 2 MB pages.
+MIMALLOC_SETTINGS = {"MIMALLOC_PURGE_DELAY": "-1", "MIMALLOC_ALLOW_LARGE_OS_PAGES": "1"}
+
+
+def mimalloc_path() -> str | None:
+  """libmimalloc.so from the cmeel-mimalloc wheel in this interpreter's environment (`make venv` installs it)."""
+  path = os.path.join(sysconfig.get_paths()["purelib"], "cmeel.prefix", "lib", "libmimalloc.so")
+  return path if os.path.isfile(path) else None
+
+
+def allocator_env(name: str) -> dict[str, str]:
+  """Environment that gives ours' worker the allocator `name`.
+
+  'mimalloc' preloads it as `make demo` does (XLA:CPU frees a step's temporary block at the end of every step,
+  and glibc returns a block that large to the kernel, so each step faults it in again), 'system' keeps the
+  C library's malloc, 'auto' is mimalloc when it is installed and the system's otherwise.
+  """
+  if name not in ("auto", "mimalloc", "system"):
+    raise SystemExit(f"--ours_allocator={name!r}: expected auto, mimalloc or system")
+  path = mimalloc_path() if name != "system" else None
+  if path is None and name == "mimalloc":
+    raise SystemExit("--ours_allocator=mimalloc: no libmimalloc.so under "
+                     f"{sysconfig.get_paths()['purelib']}/cmeel.prefix/lib (pip install cmeel-mimalloc)")
+  return {"LD_PRELOAD": path, **MIMALLOC_SETTINGS} if path else {}
 
 
 def sides(ours_env: dict[str, str]) -> dict[str, dict[str, str]]:
