@@ -22,9 +22,9 @@ weights, one whole training step timed:
 - peer: diffusers' `WanTransformer3DModel` (Wan2.1's DiT), the same loss (x_t = (1 - t) x0 + t noise,
   MSE against noise - x0, timestep 1000 t), `clip_grad_norm_(1.0)`, `torch.optim.AdamW` (betas (0.9, 0.99)
   and weight decay 0.01, as ours).
-Each side lives in its own worker process (ours in this interpreter, the peer in `--ref_python`, a venv with
-torch and diffusers; ours with mimalloc preloaded as `make demo` runs it, `--ours_allocator`), both pinned to the same `--threads` cores (sched_setaffinity: XLA sizes its pool from
-it; torch.set_num_threads). Workers build, compile and warm up once, then the parent alternates them for
+Each side lives in its own worker process (ours in this interpreter, with mimalloc preloaded as `make demo`
+runs it, `--ours_allocator`; the peer in `--ref_python`, a venv with torch and diffusers), both pinned to the
+same `--threads` cores (sched_setaffinity: XLA sizes its pool from it; torch.set_num_threads). Workers build, compile and warm up once, then the parent alternates them for
 `--rounds` rounds of `--steps` timed steps (the order flips every round; `--round_warmup` untimed steps
 first, on both sides), so both see the same noise on a shared machine; the idle worker blocks on a pipe. Each timed step also records the share of the machine's
 pinned cores' time that other processes took meanwhile (/proc/stat busy time of those cores less the
