@@ -24,15 +24,15 @@ weights, one whole training step timed:
   and weight decay 0.01, as ours).
 Each side lives in its own worker process (ours in this interpreter, with mimalloc preloaded as `make demo`
 runs it, `--ours_allocator`; the peer in `--ref_python`, a venv with torch and diffusers), both pinned to the
-same `--threads` cores (sched_setaffinity: XLA sizes its pool from it; torch.set_num_threads). Workers build, compile and warm up once, then the parent alternates them for
-`--rounds` rounds of `--steps` timed steps (the order flips every round; `--round_warmup` untimed steps
-first, on both sides), so both see the same noise on a shared machine; the idle worker blocks on a pipe. Each timed step also records the share of the machine's
-pinned cores' time that other processes took meanwhile (/proc/stat busy time of those cores less the
-worker's own CPU time). Reported
-step times are medians over the quiet steps (share under `--quiet`) when each side has at least 3 of
-them, else over all steps (`step_times_from` says which); medians over all steps and minima are reported
-too. Contention matters more than noise here: torch's OpenMP threads slow down several-fold when another
-process takes a core, XLA's thread pool much less.
+same `--threads` cores (sched_setaffinity: XLA sizes its pool from it; torch.set_num_threads). Workers build,
+compile and warm up once, then the parent alternates them for `--rounds` rounds of `--steps` timed steps (the
+order flips every round; `--round_warmup` untimed steps first, on both sides), so both see the same noise on a
+shared machine; the idle worker blocks on a pipe. Each timed step also records the share of the machine's
+pinned cores' time that other processes took meanwhile (/proc/stat busy time of those cores less the worker's
+own CPU time). Reported step times are medians over the quiet steps (share under `--quiet`) when each side has
+at least 3 of them, else over all steps (`step_times_from` says which); medians over all steps and minima are
+reported too. Contention matters more than noise here: torch's OpenMP threads slow down several-fold when
+another process takes a core, XLA's thread pool much less.
 
 Throughput: the analytic training FLOPs of one step (`sora_jax/train/flops.py`, 3x forward, matmuls only,
 the same count for both sides) over the step time, as a fraction of the machine's matmul peak: the best

@@ -25,9 +25,14 @@ def parse_pairs(pairs: Iterable[str], flag: str = "--ours_env") -> dict[str, str
 MIMALLOC_SETTINGS = {"MIMALLOC_PURGE_DELAY": "-1", "MIMALLOC_ALLOW_LARGE_OS_PAGES": "1"}
 
 
+def _mimalloc_dir() -> str:
+  """Where the cmeel-mimalloc wheel puts its library in this interpreter's environment."""
+  return os.path.join(sysconfig.get_paths()["purelib"], "cmeel.prefix", "lib")
+
+
 def mimalloc_path() -> str | None:
-  """libmimalloc.so from the cmeel-mimalloc wheel in this interpreter's environment (`make venv` installs it)."""
-  path = os.path.join(sysconfig.get_paths()["purelib"], "cmeel.prefix", "lib", "libmimalloc.so")
+  """libmimalloc.so from the cmeel-mimalloc wheel (`make venv` installs it), or None."""
+  path = os.path.join(_mimalloc_dir(), "libmimalloc.so")
   return path if os.path.isfile(path) else None
 
 
@@ -42,8 +47,8 @@ def allocator_env(name: str) -> dict[str, str]:
     raise SystemExit(f"--ours_allocator={name!r}: expected auto, mimalloc or system")
   path = mimalloc_path() if name != "system" else None
   if path is None and name == "mimalloc":
-    raise SystemExit("--ours_allocator=mimalloc: no libmimalloc.so under "
-                     f"{sysconfig.get_paths()['purelib']}/cmeel.prefix/lib (pip install cmeel-mimalloc)")
+    raise SystemExit(f"--ours_allocator=mimalloc: no libmimalloc.so under {_mimalloc_dir()} "
+                     "(pip install cmeel-mimalloc)")
   return {"LD_PRELOAD": path, **MIMALLOC_SETTINGS} if path else {}
 
 
